@@ -1,0 +1,179 @@
+"""Branch cache on diffusers DiT/PixArt transformers, built from diffusers `ModelHook`s (ALGORITHM.md §1).
+
+One `BranchHook` wraps each `attn1`/`attn2`/`ff` module and one `StepHook` on the transformer counts the
+denoising steps. The compute-or-reuse decision is a Python lookup into the plan row of the current step,
+so a reused branch never runs its module and the hot path has no tensor comparison or device sync.
+
+Example:
+    >>> state = apply_branch_cache(pipe_transformer, CacheConfig(plan=fora_plan(20, n_branches, 3)))
+    >>> ...  # run the denoising loop; state.computed / state.reused count branch evaluations
+    >>> remove_branch_cache(pipe_transformer)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from .branches import Branch, find_branches
+from .schedules import CachePlan
+
+BRANCH_HOOK = "harmonica_branch_cache"
+STEP_HOOK = "harmonica_step_counter"
+
+
+class CacheError(ValueError):
+    """The model cannot be cached as asked (chunked feed-forward, a plan of the wrong shape, ...)."""
+
+
+@dataclass
+class CacheConfig:
+    """How the cache behaves.
+
+    Attributes:
+        plan (`CachePlan`): inference mode; True computes, False reuses the cached output.
+        soft_weights (`Tensor`, [T, N]): training mode instead of `plan`: each branch returns
+            `r * fresh + (1 - r) * cached` with r = soft_weights[step, branch] (SDT, ALGORITHM.md §3).
+        update_threshold (`float`, defaults to 0.1): in training mode, the cache entry is overwritten
+            only where r > threshold (tau_train).
+    """
+
+    plan: CachePlan | None = None
+    soft_weights: torch.Tensor | None = None
+    update_threshold: float = 0.1
+
+
+@dataclass
+class CacheState:
+    """Everything that changes during a generation, shared by the hooks of one transformer."""
+
+    config: CacheConfig
+    branches: list[Branch]
+    step: int = -1
+    computed: int = 0
+    reused: int = 0
+    bypass: bool = False  # teacher passes: run everything, touch nothing
+    values: list[torch.Tensor | None] = field(default_factory=list)
+    row: tuple[bool, ...] = ()
+    batch_shape: tuple[int, ...] | None = None
+
+    def reset(self) -> None:
+        """Start a new generation: empty cache, step counter and counts back to zero."""
+        self.step, self.computed, self.reused, self.batch_shape = -1, 0, 0, None
+        self.values = [None] * len(self.branches)
+
+    def begin_step(self, batch_shape: tuple[int, ...]) -> None:
+        if batch_shape != self.batch_shape:  # cached tensors would not broadcast: start over
+            self.values = [None] * len(self.branches)
+            self.batch_shape = batch_shape
+        self.step += 1
+        plan = self.config.plan
+        if plan is not None:
+            if self.step >= plan.steps:
+                raise CacheError(
+                    f"the cache plan covers {plan.steps} steps but the transformer ran a step {self.step + 1}; "
+                    "reset the cache per generation and use a plan for the scheduler's step count"
+                )
+            self.row = plan.compute[self.step]
+        else:
+            weights = self.config.soft_weights
+            # one sync per step (training only): which entries to overwrite
+            self.row = tuple((weights[self.step] > self.config.update_threshold).tolist())
+
+
+class StepHook(ModelHook):
+    """On the transformer: one forward call = one denoising step."""
+
+    _is_stateful = True
+
+    def __init__(self, state: CacheState) -> None:
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict[str, Any]]:
+        if not self.state.bypass:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.state.begin_step(tuple(hidden.shape))
+        return args, kwargs
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.state.reset()
+        return module
+
+
+class BranchHook(ModelHook):
+    """On one attn1/attn2/ff module: compute, reuse, or (training) softly mix with the cached output."""
+
+    def __init__(self, state: CacheState, index: int) -> None:
+        super().__init__()
+        self.state = state
+        self.index = index
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        state, i = self.state, self.index
+        if state.bypass:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        cached = state.values[i]
+        if state.config.soft_weights is not None:
+            fresh = self.fn_ref.original_forward(*args, **kwargs)
+            state.computed += 1
+            if cached is None:
+                out = fresh
+            else:
+                r = state.config.soft_weights[state.step, i]
+                out = r * fresh + (1 - r) * cached
+            if cached is None or state.row[i]:
+                state.values[i] = out.detach()
+            return out
+        if state.row[i] or cached is None:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            state.values[i] = out
+            state.computed += 1
+            return out
+        state.reused += 1
+        return cached
+
+
+def apply_branch_cache(transformer: nn.Module, config: CacheConfig) -> CacheState:
+    """Attach the cache to a DiT/PixArt transformer; `remove_branch_cache` restores it exactly."""
+    if getattr(transformer, "_harmonica_cache", None) is not None:
+        raise CacheError("a branch cache is already attached; call remove_branch_cache first")
+    if (config.plan is None) == (config.soft_weights is None):
+        raise CacheError("give exactly one of CacheConfig.plan (inference) or CacheConfig.soft_weights (training)")
+    branches = find_branches(transformer)
+    size = config.plan.branches if config.plan is not None else config.soft_weights.shape[1]
+    if size != len(branches):
+        raise CacheError(f"the plan has {size} branches but this transformer has {len(branches)}")
+    for index, block in enumerate(transformer.transformer_blocks):
+        if getattr(block, "_chunk_size", None) is not None:
+            raise CacheError(
+                f"block {index} uses chunked feed-forward (set_chunk_feed_forward), which calls `ff` per chunk; "
+                "turn it off with block.set_chunk_feed_forward(None) before caching"
+            )
+    state = CacheState(config, branches)
+    state.reset()
+    for index, branch in enumerate(branches):
+        module = transformer.get_submodule(branch.module_path)
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(BranchHook(state, index), BRANCH_HOOK)
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(StepHook(state), STEP_HOOK)
+    transformer._harmonica_cache = state
+    return state
+
+
+def remove_branch_cache(transformer: nn.Module) -> None:
+    """Detach every hook this module added and drop what the registry left behind on the modules."""
+    state: CacheState | None = getattr(transformer, "_harmonica_cache", None)
+    if state is None:
+        return
+    targets = [transformer] + [transformer.get_submodule(b.module_path) for b in state.branches]
+    for module, name in zip(targets, [STEP_HOOK] + [BRANCH_HOOK] * len(state.branches), strict=True):
+        registry: HookRegistry = module._diffusers_hook
+        registry.remove_hook(name, recurse=False)
+        if not registry.hooks:  # nobody else hooks this module: leave it as we found it
+            del module._diffusers_hook
+            module.__dict__.pop("forward", None)
+    del transformer._harmonica_cache

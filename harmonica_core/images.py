@@ -1,0 +1,31 @@
+"""Image tensors to PIL images and labelled grids (for people, the README and the CLI)."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_pil(images: torch.Tensor, scale: int = 1) -> list[Image.Image]:
+    """[B, C, H, W] in [0, 1] -> PIL images (grey for one channel), enlarged `scale` times (nearest)."""
+    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for pixels in array:
+        image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+        out.append(image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image)
+    return out
+
+
+def grid(images: torch.Tensor, captions: list[str], columns: int, scale: int = 8) -> Image.Image:
+    """A labelled grid: each image enlarged `scale` times with its caption above it."""
+    tiles = to_pil(images, scale)
+    width, height = tiles[0].size
+    caption_h = 14
+    rows = -(-len(tiles) // columns)
+    canvas = Image.new("L", (columns * (width + 4), rows * (height + caption_h + 4)), color=255)
+    draw = ImageDraw.Draw(canvas)
+    for index, (tile, caption) in enumerate(zip(tiles, captions, strict=True)):
+        x, y = (index % columns) * (width + 4), (index // columns) * (height + caption_h + 4)
+        draw.text((x + 2, y), caption[:12], fill=0)
+        canvas.paste(tile.convert("L"), (x, y + caption_h))
+    return canvas

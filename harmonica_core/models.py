@@ -1,0 +1,222 @@
+"""Loading DiT / PixArt models (hub id, local diffusers folder, or the built-in `digits`) and what the
+sampler needs to know about each family: how it builds the classifier-free-guidance batch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
+from torch import nn
+
+from .branches import MacProfile, branch_layout, count_macs
+from .router import RouterTarget
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler,
+    "dpm-solver++": DPMSolverMultistepScheduler,
+}
+
+PIPELINE_FAMILIES = {"DiTPipeline": "dit", "PixArtAlphaPipeline": "pixart", "PixArtSigmaPipeline": "pixart"}
+
+# Known models; the CLI choices and the service's /models read this.
+MODELS: dict[str, str] = {
+    "digits": "built-in class-conditional DiT on scikit-learn's 8x8 handwritten digits (pixel space, CPU-friendly)",
+    "facebook/DiT-XL-2-256": "DiT-XL/2, ImageNet 256x256, class-conditional (from the local Hugging Face cache)",
+    "facebook/DiT-XL-2-512": "DiT-XL/2, ImageNet 512x512, class-conditional (from the local Hugging Face cache)",
+    "PixArt-alpha/PixArt-XL-2-512x512": "PixArt-α 512px, text-to-image (from the local Hugging Face cache)",
+    "PixArt-alpha/PixArt-XL-2-1024-MS": "PixArt-α 1024px, text-to-image (from the local Hugging Face cache)",
+    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": "PixArt-Σ 1024px, text-to-image (from the local Hugging Face cache)",
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither built in, nor a local folder, nor in the Hugging Face cache."""
+
+
+@dataclass
+class Model:
+    """A loaded transformer with what generation needs around it.
+
+    `family` is "dit" (class labels, CFG batch [cond; uncond]) or "pixart" (prompts, CFG batch
+    [uncond; cond]); `vae` is None for pixel-space models such as `digits`.
+    """
+
+    name: str
+    family: str
+    transformer: nn.Module
+    scheduler: SchedulerMixin
+    vae: nn.Module | None = None
+    pipeline: Any = None  # the diffusers pipeline, for encode_prompt (PixArt)
+    labels: dict[int, str] = field(default_factory=dict)
+    max_sequence_length: int = 120
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.transformer.config.num_embeds_ada_norm)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def default_size(self) -> int:
+        return int(self.transformer.config.sample_size) * self.vae_scale
+
+    @cached_property
+    def branch_layout(self) -> list[str]:
+        return branch_layout(self.transformer)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Config plus a sample of every weight tensor: cheap even for XL models, changes with the weights."""
+        digest = hashlib.sha256(json.dumps(dict(self.transformer.config), sort_keys=True, default=str).encode())
+        for name, tensor in self.transformer.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """Resolve and validate the image size; DiT models have one fixed size."""
+        height, width = height or self.default_size, width or self.default_size
+        step = self.vae_scale * int(self.transformer.config.patch_size)
+        if self.family == "dit" and (height, width) != (self.default_size, self.default_size):
+            raise ValueError(f"{self.name} generates {self.default_size}x{self.default_size} images only")
+        if height % step or width % step:
+            raise ValueError(f"height and width must be multiples of {step} for {self.name}")
+        return height, width
+
+    def make_scheduler(self, name: str) -> SchedulerMixin:
+        """A fresh scheduler of the named kind (schedulers keep per-run state), from the model's config."""
+        if name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        return SCHEDULERS[name].from_config(self.scheduler.config)
+
+    def router_target(self, scheduler_name: str, steps: int) -> RouterTarget:
+        scheduler = self.make_scheduler(scheduler_name)
+        scheduler.set_timesteps(steps)
+        config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+        return RouterTarget(
+            architecture=type(self.transformer).__name__,
+            model_fingerprint=self.fingerprint,
+            branch_layout=self.branch_layout,
+            scheduler_class=type(scheduler).__name__,
+            scheduler_config=json.loads(json.dumps(config, default=str)),
+            steps=steps,
+            timesteps=[int(t) for t in scheduler.timesteps.tolist()],
+        )
+
+    def mac_profile(self, height: int, width: int, text_len: int = 0) -> MacProfile:
+        key = (height, width, text_len)
+        profiles = self.__dict__.setdefault("_mac_profiles", {})
+        if key not in profiles:
+            latent = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+            profiles[key] = count_macs(
+                self.transformer, lambda device: self._meta_inputs(device, latent, text_len), self.vae, latent
+            )
+        return profiles[key]
+
+    def _meta_inputs(self, device: torch.device, latent: tuple[int, ...], text_len: int) -> dict[str, Any]:
+        config = self.transformer.config
+        inputs: dict[str, Any] = {
+            "hidden_states": torch.empty(latent, device=device),
+            "timestep": torch.zeros(1, dtype=torch.long, device=device),
+        }
+        if self.family == "dit":
+            inputs["class_labels"] = torch.zeros(1, dtype=torch.long, device=device)
+            return inputs
+        channels = config.caption_channels or config.cross_attention_dim
+        inputs["encoder_hidden_states"] = torch.empty(1, text_len or self.max_sequence_length, channels, device=device)
+        extra = config.use_additional_conditions or (
+            config.use_additional_conditions is None and config.sample_size == 128
+        )
+        inputs["added_cond_kwargs"] = (
+            {"resolution": torch.empty(1, 2, device=device), "aspect_ratio": torch.empty(1, 1, device=device)}
+            if extra
+            else {"resolution": None, "aspect_ratio": None}
+        )
+        return inputs
+
+
+def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Model:
+    """Load `digits`, a local diffusers pipeline folder, or a hub id from the local Hugging Face cache.
+
+    Without `HF_HUB_OFFLINE=1`, a hub id missing from the cache is downloaded by diffusers as usual.
+    """
+    if name == "digits":
+        from .digits.model import load_digits
+
+        model = load_digits()
+    else:
+        model = _load_pipeline_folder(name, _resolve_folder(name))
+    if model.pipeline is not None:
+        model.pipeline.to(device, dtype) if dtype is not None else model.pipeline.to(device)
+    for module in (model.transformer, model.vae):
+        if module is not None:
+            module.eval().requires_grad_(False).to(device)
+            if dtype is not None:
+                module.to(dtype)
+    return model
+
+
+def _resolve_folder(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
+        return path
+    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFoundError(f"no model folder at {name}; give a diffusers pipeline folder, a hub id or 'digits'")
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    try:
+        return Path(snapshot_download(name, local_files_only=offline))
+    except Exception as error:  # huggingface_hub raises several kinds here; all mean "not available"
+        raise ModelNotFoundError(
+            f"model {name!r} is not in the local Hugging Face cache"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ' and could not be downloaded'}: run "
+            f"`huggingface-cli download {name}` on a machine with internet and copy ~/.cache/huggingface, "
+            f"or pass a local diffusers folder ({type(error).__name__})"
+        ) from None
+
+
+def _load_pipeline_folder(name: str, folder: Path) -> Model:
+    from diffusers import DiffusionPipeline
+
+    class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    family = PIPELINE_FAMILIES.get(class_name)
+    if family is None:
+        raise ModelNotFoundError(
+            f"{name} is a {class_name or 'unknown'} pipeline; supported: {', '.join(PIPELINE_FAMILIES)}"
+        )
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    labels = {int(k): v for k, v in (getattr(pipe, "id2label", None) or {}).items()}
+    return Model(
+        name=name,
+        family=family,
+        transformer=pipe.transformer,
+        scheduler=pipe.scheduler,
+        vae=pipe.vae,
+        pipeline=pipe,
+        labels=labels,
+        max_sequence_length=300 if class_name == "PixArtSigmaPipeline" else 120,
+    )

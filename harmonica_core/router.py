@@ -1,0 +1,139 @@
+"""The learnable router, its thresholding into a plan, and its file format (ALGORITHM.md §2).
+
+A router file is one safetensors file: the [T, N] logits plus JSON metadata under the key `harmonica`
+that records what it was trained for. Loading it for another model, scheduler or step count raises
+`RouterMismatchError` naming the field that differs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .schedules import CachePlan
+
+PINNED_LOGIT = 5.0  # row 0: the first step always computes (sigmoid(5) ~ 0.993)
+LOGIT_BOUND = 5.0
+FORMAT_VERSION = 1
+
+
+class RouterMismatchError(ValueError):
+    """A router was used on a model, scheduler or step count it was not trained for."""
+
+    def __init__(self, field_name: str, trained: Any, requested: Any) -> None:
+        self.field = field_name
+        super().__init__(
+            f"router mismatch on {field_name!r}: the router was trained for {trained!r} but this run has "
+            f"{requested!r}; train a router for this setting (harmonica train-router) or pick a matching one"
+        )
+
+
+class Router(nn.Module):
+    """Logits P [T, N]; r = sigmoid(P) near 1 computes, near 0 reuses. Row 0 is pinned to compute."""
+
+    def __init__(self, steps: int, branches: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        logits = torch.randn(steps, branches, generator=generator)
+        logits[0] = PINNED_LOGIT
+        self.logits = nn.Parameter(logits)
+
+    @property
+    def steps(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def branches(self) -> int:
+        return self.logits.shape[1]
+
+    def forward(self) -> torch.Tensor:
+        """Router probabilities r [T, N]; row 0 carries no gradient."""
+        pinned = torch.full_like(self.logits[:1], PINNED_LOGIT)
+        return torch.sigmoid(torch.cat([pinned, self.logits[1:]]))
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """After each optimizer step: logits back into [-5, 5], row 0 back to its pinned value."""
+        self.logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
+        self.logits[0] = PINNED_LOGIT
+
+    @torch.no_grad()
+    def plan(self, threshold: float = 0.1) -> CachePlan:
+        """The static inference plan: compute where r > threshold (computed once per generation)."""
+        return CachePlan.from_rows((self() > threshold).tolist())
+
+
+@dataclass(frozen=True)
+class RouterTarget:
+    """What a router is bound to; compared field by field when a router is loaded."""
+
+    architecture: str
+    model_fingerprint: str
+    branch_layout: list[str]
+    scheduler_class: str
+    scheduler_config: dict[str, Any]
+    steps: int
+    timesteps: list[int]
+
+
+@dataclass
+class RouterMetadata:
+    target: RouterTarget
+    threshold: float = 0.1
+    model_name: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+def save_router(path: str | Path, router: Router, metadata: RouterMetadata) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if router.steps != metadata.target.steps or router.branches != len(metadata.target.branch_layout):
+        raise ValueError("router shape does not match its metadata (steps x branch layout)")
+    blob = json.dumps(asdict(metadata), sort_keys=True)
+    save_file({"logits": router.logits.detach().float().cpu().contiguous()}, str(path), {"harmonica": blob})
+    return path
+
+
+def read_router(path: str | Path) -> tuple[Router, RouterMetadata]:
+    """Read a router file without checking it against a model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no router file at {path}")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        raw = (handle.metadata() or {}).get("harmonica")
+    if raw is None:
+        raise ValueError(f"{path} is a safetensors file but not a HarmoniCa router (no 'harmonica' metadata)")
+    data = json.loads(raw)
+    metadata = RouterMetadata(**{**data, "target": RouterTarget(**data["target"])})
+    logits = load_file(str(path))["logits"]
+    router = Router(*logits.shape)
+    with torch.no_grad():
+        router.logits.copy_(logits)
+    return router, metadata
+
+
+def load_router(path: str | Path, target: RouterTarget) -> tuple[Router, RouterMetadata]:
+    """Read a router and refuse it unless it was trained for `target`."""
+    router, metadata = read_router(path)
+    check_target(metadata.target, target)
+    return router, metadata
+
+
+def check_target(trained: RouterTarget, requested: RouterTarget) -> None:
+    for name in ("architecture", "branch_layout", "model_fingerprint", "scheduler_class", "steps", "timesteps"):
+        if getattr(trained, name) != getattr(requested, name):
+            raise RouterMismatchError(name, getattr(trained, name), getattr(requested, name))
+    for key in sorted(set(trained.scheduler_config) | set(requested.scheduler_config)):
+        if trained.scheduler_config.get(key) != requested.scheduler_config.get(key):
+            raise RouterMismatchError(
+                f"scheduler_config.{key}", trained.scheduler_config.get(key), requested.scheduler_config.get(key)
+            )

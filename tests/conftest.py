@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random diffusers pipelines saved with save_pretrained, and the built-in digits model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+)
+
+from harmonica_core.models import Model, load_model
+from harmonica_core.sampling import PromptEmbeddings
+
+
+@pytest.fixture(scope="session")
+def dit_folder(tmp_path_factory: pytest.TempPathFactory):
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        in_channels=4, out_channels=8, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
+    )  # fmt: skip
+    pipe = DiTPipeline(transformer=transformer, vae=AutoencoderKL(), scheduler=DDIMScheduler())
+    folder = tmp_path_factory.mktemp("tiny-dit")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pixart_folder(tmp_path_factory: pytest.TempPathFactory):
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single", use_additional_conditions=False,
+    )  # fmt: skip
+    pipe = PixArtAlphaPipeline(
+        tokenizer=None, text_encoder=None, vae=AutoencoderKL(), transformer=transformer, scheduler=DDIMScheduler()
+    )
+    folder = tmp_path_factory.mktemp("tiny-pixart")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_dit(dit_folder) -> Model:
+    return load_model(str(dit_folder))
+
+
+@pytest.fixture
+def tiny_pixart(pixart_folder) -> Model:
+    return load_model(str(pixart_folder))
+
+
+@pytest.fixture
+def prompt_embeddings() -> PromptEmbeddings:
+    generator = torch.Generator().manual_seed(1)
+    return PromptEmbeddings(
+        embeds=torch.randn(2, 6, 32, generator=generator),
+        mask=torch.ones(2, 6, dtype=torch.long),
+        negative_embeds=torch.randn(2, 6, 32, generator=generator),
+        negative_mask=torch.ones(2, 6, dtype=torch.long),
+    )
+
+
+@pytest.fixture(scope="session")
+def digits() -> Model:
+    return load_model("digits")

@@ -1,0 +1,51 @@
+"""`harmonica generate` end to end on digits, and clear refusals with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from harmonica_core.cli import main
+
+
+def test_generate_writes_images_and_a_summary(tmp_path):
+    out = tmp_path / "out"
+    code = main(["generate", "--model", "digits", "--method", "fora", "--interval", "2", "--steps", "6",
+                 "--labels", "0,1,2", "--num-images", "2", "--seed", "0", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "fora" and summary["steps"] == 6 and len(summary["images"]) == 6
+    assert summary["cache_usage_rate"] == pytest.approx(0.5)
+    assert summary["theoretical_speedup"] > 1.5 and summary["latency_s"] > 0
+    assert summary["captions"] == ["0", "0", "1", "1", "2", "2"]
+    assert Image.open(out / summary["images"][0]).size == (8, 8)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "teacache"], "invalid choice"),
+        (["--labels", "1,x"], "comma-separated integers"),
+        (["--labels", "12"], "class labels must be in [0, 9]"),
+        (["--method", "harmonica"], "needs --router"),
+        (["--method", "harmonica", "--router", "missing.safetensors"], "no router file"),
+        (["--steps", "0"], "must be >= 1"),
+        (["--threshold", "2"], "must be in [0, 1]"),
+        (["--model", "facebook/DiT-XL-2-256"], "huggingface-cli download"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_message(tmp_path, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    process = subprocess.run(
+        [sys.executable, "-m", "harmonica_core.cli", "generate", "--steps", "2", "--out", "o", *args],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert process.returncode == 2, process.stderr
+    assert message in process.stderr
+    assert "Traceback" not in process.stderr
