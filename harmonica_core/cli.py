@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--device", default="cpu")
     train.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    evaluate = digits.add_parser("evaluate", help="classifier accuracy and Frechet distance of uncached samples")
+    evaluate.add_argument("--per-class", type=_positive, default=50, help="samples per digit")
+    evaluate.add_argument("--steps", type=_positive, default=20)
+    evaluate.add_argument("--scheduler", choices=list(SCHEDULERS), default="ddim")
+    evaluate.add_argument("--guidance", type=float, default=1.5)
+    evaluate.add_argument("--seed", type=int, default=0)
     clf = digits.add_parser("train-classifier", help="train the digit classifier used for quality metrics")
     clf.add_argument("--epochs", type=_positive, default=60)
     clf.add_argument("--seed", type=int, default=0)
@@ -112,12 +118,26 @@ def run_generate(args: argparse.Namespace) -> dict:
         interval=args.interval,
     )  # fmt: skip
     result = generate(model, request, plan)
-    return write_images(result, args.out, method=args.method, model=args.model)
+    return write_images(result, args.out, args.num_images, method=args.method, model=args.model)
 
 
-def write_images(result, out: Path, **extra: object) -> dict:
-    """One PNG per image plus summary.json; returns the summary."""
-    from .images import to_pil
+def run_evaluate(args: argparse.Namespace) -> dict:
+    from .digits.evaluate import score_digits
+    from .models import load_model
+    from .sampling import GenerationRequest, generate
+
+    labels = [c for c in range(10) for _ in range(args.per_class)]
+    request = GenerationRequest(
+        class_labels=labels, steps=args.steps, scheduler=args.scheduler, guidance=args.guidance, seed=args.seed
+    )
+    score = score_digits(generate(load_model("digits"), request).images, labels)
+    settings = {k: v for k, v in vars(args).items() if k not in {"command", "digits_command"}}
+    return {"accuracy": score.accuracy, "frechet": score.frechet, "samples": score.samples} | settings
+
+
+def write_images(result, out: Path, rows: int, **extra: object) -> dict:
+    """One PNG per image, a labelled grid.png and summary.json; returns the summary."""
+    from .images import grid, to_pil
 
     out.mkdir(parents=True, exist_ok=True)
     names = []
@@ -125,6 +145,7 @@ def write_images(result, out: Path, **extra: object) -> dict:
         name = f"{index:03d}.png"
         image.save(out / name)
         names.append(name)
+    grid(result.images, result.labels, rows).save(out / "grid.png")
     summary = {**extra, **result.stats.as_dict(), "images": names, "captions": result.labels}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -139,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"wrote {len(summary['images'])} images to {args.out} "
                 f"(cache usage {summary['cache_usage_rate']:.1%}, theoretical speedup "
-                f"{summary['theoretical_speedup']:.2f}x, {summary['latency_s']:.2f} s)"
+                f"{summary['theoretical_speedup']:.2f}x, {summary['latency_s']:.2f} s); "
+                f"labelled grid: {args.out / 'grid.png'}"
             )
         elif args.digits_command == "train":
             from tqdm import tqdm
@@ -159,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                 command = "harmonica " + shlex.join(sys.argv[1:] if argv is None else argv)
                 out = train_digits(config, args.out, args.device, progress, command)
             print(f"wrote the digits model to {out}")
+        elif args.digits_command == "evaluate":
+            print(json.dumps(run_evaluate(args), indent=2))
         else:
             from .digits.classifier import train_classifier
 

@@ -16,16 +16,16 @@ def to_pil(images: torch.Tensor, scale: int = 1) -> list[Image.Image]:
     return out
 
 
-def grid(images: torch.Tensor, captions: list[str], columns: int, scale: int = 8) -> Image.Image:
-    """A labelled grid: each image enlarged `scale` times with its caption above it."""
+def grid(images: torch.Tensor, captions: list[str], rows: int, scale: int = 8) -> Image.Image:
+    """A labelled grid filled column by column (one column per label when `rows` = images per label)."""
     tiles = to_pil(images, scale)
     width, height = tiles[0].size
     caption_h = 14
-    rows = -(-len(tiles) // columns)
+    columns = -(-len(tiles) // rows)
     canvas = Image.new("L", (columns * (width + 4), rows * (height + caption_h + 4)), color=255)
     draw = ImageDraw.Draw(canvas)
     for index, (tile, caption) in enumerate(zip(tiles, captions, strict=True)):
-        x, y = (index % columns) * (width + 4), (index // columns) * (height + caption_h + 4)
+        x, y = (index // rows) * (width + 4), (index % rows) * (height + caption_h + 4)
         draw.text((x + 2, y), caption[:12], fill=0)
         canvas.paste(tile.convert("L"), (x, y + caption_h))
     return canvas
