@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from .schedules import METHODS
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="digits", help=f"'digits', a hub id or a diffusers folder; known: {', '.join(MODELS)}"
     )
     gen.add_argument("--method", choices=list(METHODS), default="none", help="cache method")
-    gen.add_argument("--router", type=Path, help="router file (.safetensors) for l2c / harmonica")
+    gen.add_argument("--router", help="router file (.safetensors) for l2c / harmonica, or 'builtin'")
     gen.add_argument("--threshold", type=_unit_interval, default=0.1, help="router threshold tau (compute if r > tau)")
     gen.add_argument("--interval", type=_positive, default=2, help="FORA: compute every N-th step")
     gen.add_argument("--steps", type=_positive, default=20, help="denoising steps")
@@ -62,6 +63,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     gen.add_argument("--out", type=Path, required=True, help="output folder")
+
+    from .training import LAMBDA_MODES, OBJECTIVES, TrainConfig
+
+    tc = TrainConfig()
+    tr = commands.add_parser("train-router", help="train a router (SDT + IEPO, LTC, or L2C) and write its file")
+    tr.add_argument("--model", default="digits", help="'digits', a hub id or a diffusers folder")
+    tr.add_argument("--objective", choices=list(OBJECTIVES), default=tc.objective)
+    tr.add_argument("--steps", type=_positive, default=tc.steps, help="sampling steps T the router is for")
+    tr.add_argument("--scheduler", choices=list(SCHEDULERS), default=tc.scheduler)
+    tr.add_argument("--iterations", type=_positive, default=tc.iterations, help="router updates")
+    tr.add_argument("--batch-size", type=_positive, default=tc.batch_size, help="samples per trajectory")
+    tr.add_argument("--lr", type=float, default=tc.lr)
+    tr.add_argument(
+        "--beta", type=float, default=tc.beta, help="weight of the sum of router values (higher = more reuse)"
+    )
+    tr.add_argument("--tau", type=_unit_interval, default=tc.tau, help="cache-update and inference threshold")
+    tr.add_argument("--lambda-every", type=_positive, default=tc.lambda_every, help="IEPO: updates between refreshes")
+    tr.add_argument("--lambda-mode", choices=LAMBDA_MODES, default=tc.lambda_mode)
+    tr.add_argument("--guidance", type=float, default=tc.guidance)
+    tr.add_argument("--seed", type=int, default=tc.seed)
+    tr.add_argument("--captions", type=Path, help="PixArt: a text file with one caption per line")
+    tr.add_argument(
+        "--data", type=Path, help="L2C on non-digits models: safetensors with `samples` latents (+ `labels`)"
+    )
+    tr.add_argument("--checkpoint", type=Path, help="checkpoint file: written per trajectory, resumed from if present")
+    tr.add_argument("--eval-samples", type=_positive, default=100, help="samples for the quality numbers")
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--out", type=Path, required=True, help="router file to write (.safetensors)")
 
     digits = commands.add_parser("digits", help="rebuild the built-in digits model").add_subparsers(
         dest="digits_command", required=True
@@ -112,13 +141,91 @@ def run_generate(args: argparse.Namespace) -> dict:
         request.class_labels = list(range(min(model.num_classes, 10)))
     router = None
     if args.router is not None:
-        router, _ = load_router(args.router, model.router_target(args.scheduler, args.steps))
+        path = builtin_router(args.model, args.scheduler, args.steps) if args.router == "builtin" else Path(args.router)
+        router, _ = load_router(path, model.router_target(args.scheduler, args.steps))
     plan = make_plan(
         args.method, args.steps, len(model.branch_layout), router=router, threshold=args.threshold,
         interval=args.interval,
     )  # fmt: skip
     result = generate(model, request, plan)
     return write_images(result, args.out, args.num_images, method=args.method, model=args.model)
+
+
+def builtin_router(model: str, scheduler: str, steps: int) -> Path:
+    from .digits.model import builtin_routers
+
+    routers = builtin_routers() if model == "digits" else {}
+    if (scheduler, steps) not in routers:
+        available = ", ".join(f"{s} T={t}" for s, t in sorted(routers)) or "none"
+        raise CliError(f"no built-in router for {model} with {scheduler} at {steps} steps (built in: {available})")
+    return routers[scheduler, steps]
+
+
+def run_train_router(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from .models import load_model
+    from .quality import evaluation_request, plan_quality
+    from .router import save_router
+    from .sampling import generate
+    from .schedules import make_plan
+    from .training import TrainConfig, router_metadata, train_router
+
+    config = TrainConfig(
+        objective=args.objective, steps=args.steps, scheduler=args.scheduler, iterations=args.iterations,
+        batch_size=args.batch_size, lr=args.lr, beta=args.beta, tau=args.tau, lambda_every=args.lambda_every,
+        lambda_mode=args.lambda_mode, guidance=args.guidance, seed=args.seed,
+    )  # fmt: skip
+    config.validate()
+    model = load_model(args.model, device=args.device)
+    data = load_train_data(args, model)
+    with tqdm(total=config.iterations, desc=f"router ({config.objective})", unit="update") as bar:
+
+        def progress(p) -> None:
+            bar.update(p.iteration - bar.n)
+            bar.set_postfix(loss=f"{p.loss:.3g}", cur=f"{p.cache_usage_rate:.1%}")
+
+        start = time.perf_counter()
+        router = train_router(model, config, data, progress, args.checkpoint)
+        seconds = time.perf_counter() - start
+    method = "l2c" if config.objective == "l2c" else "harmonica"
+    plan = make_plan(method, config.steps, len(model.branch_layout), router=router, threshold=config.tau)
+    request = evaluation_request(
+        model, args.eval_samples, config.steps, config.scheduler, config.guidance,
+        captions=data.captions, prompt_embeddings=data.prompt_embeddings,
+    )  # fmt: skip
+    quality = plan_quality(model, plan, request, generate(model, request)) | {"method": method}
+    save_router(args.out, router, router_metadata(model, config, quality, seconds))
+    return quality
+
+
+def load_train_data(args: argparse.Namespace, model):
+    from .training import DEFAULT_CAPTIONS, TrainData
+
+    data = TrainData()
+    if args.captions is not None:
+        if not args.captions.is_file():
+            raise CliError(f"no caption file at {args.captions}")
+        lines = tuple(line.strip() for line in args.captions.read_text().splitlines() if line.strip())
+        data.captions = lines or DEFAULT_CAPTIONS
+    if args.objective != "l2c":
+        return data
+    if model.name == "digits":
+        from .digits.data import digits_split
+
+        data.samples, data.labels, _, _ = digits_split()
+    elif args.data is None:
+        raise CliError("--objective l2c trains from real data: give --data FILE.safetensors with `samples` latents")
+    else:
+        from safetensors.torch import load_file
+
+        if not args.data.is_file():
+            raise CliError(f"no data file at {args.data}")
+        tensors = load_file(str(args.data))
+        if "samples" not in tensors:
+            raise CliError(f"{args.data} has no `samples` tensor")
+        data.samples, data.labels = tensors["samples"], tensors.get("labels")
+    return data
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
@@ -155,7 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "generate":
+        if args.command == "train-router":
+            quality = run_train_router(args)
+            print(
+                f"wrote {args.out}: cache usage {quality['cache_usage_rate']:.1%}, theoretical speedup "
+                f"{quality['theoretical_speedup']:.2f}x, PSNR {quality['psnr']:.1f} dB vs uncached"
+                + (f", accuracy {quality['accuracy']:.1%}" if "accuracy" in quality else "")
+            )
+        elif args.command == "generate":
             summary = run_generate(args)
             print(
                 f"wrote {len(summary['images'])} images to {args.out} "

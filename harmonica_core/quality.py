@@ -1,0 +1,59 @@
+"""How close a cached generation stays to the uncached one from the same noise (ALGORITHM.md §6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .metrics import mse, psnr
+from .models import Model
+from .sampling import GenerationRequest, GenerationResult, PromptEmbeddings, generate
+from .schedules import CachePlan
+
+
+def evaluation_request(
+    model: Model,
+    samples: int,
+    steps: int,
+    scheduler: str,
+    guidance: float,
+    seed: int = 1234,
+    captions: tuple[str, ...] = (),
+    prompt_embeddings: PromptEmbeddings | None = None,
+) -> GenerationRequest:
+    """A fixed request: classes (or captions / embedding rows) in turn, a fixed seed."""
+    request = GenerationRequest(steps=steps, scheduler=scheduler, guidance=guidance, seed=seed)
+    if model.family == "dit":
+        request.class_labels = [i % min(model.num_classes, 10) for i in range(samples)]
+    elif prompt_embeddings is not None:
+        rows = [i % len(prompt_embeddings.embeds) for i in range(samples)]
+        pe = prompt_embeddings
+        request.prompt_embeddings = PromptEmbeddings(
+            pe.embeds[rows],
+            pe.mask[rows],
+            None if pe.negative_embeds is None else pe.negative_embeds[rows],
+            None if pe.negative_mask is None else pe.negative_mask[rows],
+        )
+    else:
+        request.prompts = [captions[i % len(captions)] for i in range(samples)]
+    return request
+
+
+def plan_quality(
+    model: Model, plan: CachePlan, request: GenerationRequest, reference: GenerationResult
+) -> dict[str, Any]:
+    """Cache usage, theoretical speedup, and image error against `reference` (same request, no cache)."""
+    result = generate(model, request, plan)
+    quality: dict[str, Any] = {
+        "cache_usage_rate": result.stats.cache_usage_rate,
+        "theoretical_speedup": result.stats.theoretical_speedup,
+        "mse": mse(result.images, reference.images),
+        "psnr": psnr(result.images, reference.images),
+        "samples": result.images.shape[0],
+        "latency_s": result.stats.total_seconds,
+    }
+    if model.name == "digits":
+        from .digits.evaluate import score_digits
+
+        score = score_digits(result.images, request.class_labels)
+        quality |= {"accuracy": score.accuracy, "frechet": score.frechet}
+    return quality

@@ -1,0 +1,113 @@
+"""Router training (SDT + IEPO / LTC, and L2C) on the digits model and a tiny PixArt pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harmonica_core.cache import CacheState
+from harmonica_core.cli import main
+from harmonica_core.digits.data import digits_split
+from harmonica_core.router import PINNED_LOGIT, read_router
+from harmonica_core.training import TrainConfig, TrainData, TrainingCancelled, TrainProgress, train_router
+
+
+def small(**overrides) -> TrainConfig:
+    return TrainConfig(**({"steps": 4, "iterations": 12, "batch_size": 2, "lr": 0.1, "lambda_every": 6} | overrides))
+
+
+def test_only_the_router_learns_and_its_invariants_hold(digits, monkeypatch):
+    before = {k: v.clone() for k, v in digits.transformer.state_dict().items()}
+    starts: list[bool] = []  # at each trajectory's first step: was the cache empty?
+    original = CacheState.begin_step
+
+    def spy(self, shape):
+        if self.step == -1 and not self.bypass:
+            starts.append(all(v is None for v in self.values))
+        original(self, shape)
+
+    monkeypatch.setattr(CacheState, "begin_step", spy)
+    router = train_router(digits, small(beta=1e-4))
+    assert all(p.grad is None for p in digits.transformer.parameters())
+    assert all(torch.equal(before[k], v) for k, v in digits.transformer.state_dict().items())
+    assert router.logits.grad is not None
+    assert torch.all(router.logits[0] == PINNED_LOGIT)
+    assert router.logits.abs().max() <= 5
+    # 4 SDT trajectories of 3 updates, plus 4 sampling passes per lambda refresh (2 refreshes)
+    assert len(starts) == 4 + 2 * 4 and all(starts)
+
+
+def test_lambdas_are_reproducible_vary_by_batch_and_leave_global_rng_alone(digits):
+    runs = []
+    for _ in range(2):
+        state = torch.get_rng_state()
+        log: list[TrainProgress] = []
+        train_router(digits, small(), on_progress=log.append)
+        assert torch.equal(torch.get_rng_state(), state)
+        runs.append([p.lambdas for p in log])
+    assert runs[0] == runs[1]
+    first, second = runs[0][0], runs[0][-1]  # refreshed on different batches
+    assert first != second and first[0] == 0 and all(v > 0 for v in first[1:])
+
+
+def test_larger_beta_gives_more_reuse_and_training_lowers_the_loss(digits):
+    rates = {}
+    for beta in (0.0, 1e-3):
+        log: list[TrainProgress] = []
+        train_router(digits, small(objective="ltc", beta=beta, iterations=30), on_progress=log.append)
+        rates[beta] = log[-1].cache_usage_rate
+        if beta == 0.0:
+            per_trajectory = [sum(p.loss for p in log[i : i + 3]) for i in range(0, 30, 3)]
+            assert per_trajectory[-1] < per_trajectory[0]
+    assert rates[1e-3] > rates[0.0]
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(digits, tmp_path):
+    config = small(iterations=9)
+    reference = train_router(digits, config)
+
+    def stop_midway(progress: TrainProgress) -> None:
+        if progress.iteration == 5:  # inside the second trajectory
+            raise TrainingCancelled
+
+    checkpoint = tmp_path / "ckpt.pt"
+    with pytest.raises(TrainingCancelled):
+        train_router(digits, config, on_progress=stop_midway, checkpoint=checkpoint)
+    resumed = train_router(digits, config, checkpoint=checkpoint)
+    assert torch.equal(resumed.logits, reference.logits)
+    with pytest.raises(ValueError, match="another training config"):
+        train_router(digits, small(iterations=10), checkpoint=checkpoint)
+
+
+def test_l2c_trains_from_real_digits(digits):
+    images, labels, _, _ = digits_split()
+    log: list[TrainProgress] = []
+    router = train_router(digits, small(objective="l2c"), TrainData(samples=images, labels=labels), log.append)
+    assert len(log) == 12 and torch.all(router.logits[0] == PINNED_LOGIT)
+    with pytest.raises(ValueError, match="real data"):
+        train_router(digits, small(objective="l2c"))
+
+
+def test_pixart_training_with_precomputed_embeddings(tiny_pixart, prompt_embeddings):
+    data = TrainData(prompt_embeddings=prompt_embeddings)
+    log: list[TrainProgress] = []
+    router = train_router(tiny_pixart, small(guidance=3.0), data, log.append)
+    assert router.logits.shape == (4, len(tiny_pixart.branch_layout)) and len(log) == 12
+
+
+def test_cli_router_is_accepted_by_generate_and_refused_for_other_steps(tmp_path, capsys):
+    router = tmp_path / "router.safetensors"
+    code = main(["train-router", "--model", "digits", "--steps", "4", "--iterations", "6", "--batch-size", "2",
+                 "--lr", "0.1", "--beta", "1e-4", "--lambda-every", "3", "--eval-samples", "10", "--out", str(router)])  # fmt: skip
+    assert code == 0
+    _, metadata = read_router(router)
+    assert metadata.training["objective"] == "iepo" and metadata.training["iterations"] == 6
+    assert {"cache_usage_rate", "theoretical_speedup", "psnr", "accuracy"} <= set(metadata.quality)
+    out = tmp_path / "images"
+    assert main(["generate", "--method", "harmonica", "--router", str(router), "--steps", "4", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["method"] == "harmonica"
+    capsys.readouterr()
+    assert main(["generate", "--method", "harmonica", "--router", str(router), "--steps", "5", "--out", str(out)]) == 2
+    assert "router mismatch on 'steps'" in capsys.readouterr().err
