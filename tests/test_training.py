@@ -99,8 +99,8 @@ def test_pixart_training_with_precomputed_embeddings(tiny_pixart, prompt_embeddi
 
 def test_cli_router_is_accepted_by_generate_and_refused_for_other_steps(tmp_path, capsys):
     router = tmp_path / "router.safetensors"
-    code = main(["train-router", "--model", "digits", "--steps", "4", "--iterations", "6", "--batch-size", "2",
-                 "--lr", "0.1", "--beta", "1e-4", "--lambda-every", "3", "--eval-samples", "10", "--out", str(router)])  # fmt: skip
+    args = "--model digits --steps 4 --iterations 6 --batch-size 2 --lr 0.1 --beta 1e-4 --lambda-every 3"
+    code = main(["train-router", *args.split(), "--eval-samples", "10", "--out", str(router)])
     assert code == 0
     _, metadata = read_router(router)
     assert metadata.training["objective"] == "iepo" and metadata.training["iterations"] == 6
