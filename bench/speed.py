@@ -22,8 +22,9 @@ from diffusers import DDIMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
 from harmonica_core.models import Model, load_model
-from harmonica_core.sampling import GenerationRequest, generate
+from harmonica_core.sampling import GenerationRequest
 from harmonica_core.schedules import CachePlan, fora_plan, none_plan
+from harmonica_core.timing import interleaved_latencies, realized_speedups
 
 DIT_XL_2_256 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                     sample_size=32, patch_size=2)  # fmt: skip
@@ -59,25 +60,19 @@ def main(args: argparse.Namespace) -> int:
     request = GenerationRequest(
         class_labels=[i % min(model.num_classes, 10) for i in range(batch)], steps=args.steps, guidance=1.5
     )
-    seconds: dict[str, list[float]] = {name: [] for name in plans}
-    stats = {}
-    for name, plan in plans.items():  # warm-up
-        stats[name] = generate(model, request, plan).stats
-    for _ in tqdm(range(args.repeats), desc="repeats"):
-        for name, plan in plans.items():  # interleaved, so drift hits every method alike
-            seconds[name].append(generate(model, request, plan).stats.total_seconds)
-    base = statistics.median(seconds["none"])
+    runs = {name: (request, plan) for name, plan in plans.items()}
+    seconds, stats = interleaved_latencies(model, runs, args.repeats, tqdm(range(args.repeats), desc="repeats"))
+    realized = realized_speedups(seconds, "none")
     rows = []
     for name in plans:
-        median = statistics.median(seconds[name])
-        realized, theoretical = base / median, stats[name].theoretical_speedup
+        theoretical = stats[name].theoretical_speedup
         rows.append({
             "method": name,
             "cache_usage_rate": stats[name].cache_usage_rate,
-            "median_s": median,
-            "realized_speedup": realized,
+            "median_s": statistics.median(seconds[name]),
+            "realized_speedup": realized[name],
             "theoretical_speedup": theoretical,
-            "realized_over_theoretical": realized / theoretical,
+            "realized_over_theoretical": realized[name] / theoretical,
             "seconds": seconds[name],
         })  # fmt: skip
     command = "python " + " ".join(sys.argv)

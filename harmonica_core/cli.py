@@ -6,7 +6,6 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 from .schedules import METHODS
@@ -92,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--out", type=Path, required=True, help="router file to write (.safetensors)")
 
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    qb = bench.add_parser("quality", help="quality vs speedup of every method from the same noise (trains routers)")
+    qb.add_argument("--model", default="digits")
+    qb.add_argument("--steps", type=_positive, default=20)
+    qb.add_argument("--scheduler", choices=list(SCHEDULERS), default="ddim")
+    qb.add_argument("--samples", type=_positive, default=500, help="samples per method (fixed seeds)")
+    qb.add_argument("--iterations", type=_positive, default=380, help="router updates per trained router")
+    qb.add_argument("--out", type=Path, default=Path("bench/results"))
+
     digits = commands.add_parser("digits", help="rebuild the built-in digits model").add_subparsers(
         dest="digits_command", required=True
     )
@@ -165,11 +173,7 @@ def run_train_router(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from .models import load_model
-    from .quality import evaluation_request, plan_quality
-    from .router import save_router
-    from .sampling import generate
-    from .schedules import make_plan
-    from .training import TrainConfig, router_metadata, train_router
+    from .training import TrainConfig, train_and_save
 
     config = TrainConfig(
         objective=args.objective, steps=args.steps, scheduler=args.scheduler, iterations=args.iterations,
@@ -185,46 +189,28 @@ def run_train_router(args: argparse.Namespace) -> dict:
             bar.update(p.iteration - bar.n)
             bar.set_postfix(loss=f"{p.loss:.3g}", cur=f"{p.cache_usage_rate:.1%}")
 
-        start = time.perf_counter()
-        router = train_router(model, config, data, progress, args.checkpoint)
-        seconds = time.perf_counter() - start
-    method = "l2c" if config.objective == "l2c" else "harmonica"
-    plan = make_plan(method, config.steps, len(model.branch_layout), router=router, threshold=config.tau)
-    request = evaluation_request(
-        model, args.eval_samples, config.steps, config.scheduler, config.guidance,
-        captions=data.captions, prompt_embeddings=data.prompt_embeddings,
-    )  # fmt: skip
-    quality = plan_quality(model, plan, request, generate(model, request)) | {"method": method}
-    save_router(args.out, router, router_metadata(model, config, quality, seconds))
-    return quality
+        return train_and_save(model, config, args.out, data, args.eval_samples, progress, args.checkpoint)
 
 
 def load_train_data(args: argparse.Namespace, model):
-    from .training import DEFAULT_CAPTIONS, TrainData
+    from .training import DEFAULT_CAPTIONS, default_data
 
-    data = TrainData()
+    data = default_data(model, args.objective)
     if args.captions is not None:
         if not args.captions.is_file():
             raise CliError(f"no caption file at {args.captions}")
         lines = tuple(line.strip() for line in args.captions.read_text().splitlines() if line.strip())
         data.captions = lines or DEFAULT_CAPTIONS
-    if args.objective != "l2c":
+    if args.objective != "l2c" or data.samples is not None:
         return data
-    if model.name == "digits":
-        from .digits.data import digits_split
-
-        data.samples, data.labels, _, _ = digits_split()
-    elif args.data is None:
+    if args.data is None or not args.data.is_file():
         raise CliError("--objective l2c trains from real data: give --data FILE.safetensors with `samples` latents")
-    else:
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        if not args.data.is_file():
-            raise CliError(f"no data file at {args.data}")
-        tensors = load_file(str(args.data))
-        if "samples" not in tensors:
-            raise CliError(f"{args.data} has no `samples` tensor")
-        data.samples, data.labels = tensors["samples"], tensors.get("labels")
+    tensors = load_file(str(args.data))
+    if "samples" not in tensors:
+        raise CliError(f"{args.data} has no `samples` tensor")
+    data.samples, data.labels = tensors["samples"], tensors.get("labels")
     return data
 
 
@@ -269,6 +255,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{quality['theoretical_speedup']:.2f}x, PSNR {quality['psnr']:.1f} dB vs uncached"
                 + (f", accuracy {quality['accuracy']:.1%}" if "accuracy" in quality else "")
             )
+        elif args.command == "bench":
+            from .quality_bench import QualityBenchConfig, format_table, run_quality_bench
+
+            config = QualityBenchConfig(
+                model=args.model, steps=args.steps, scheduler=args.scheduler, samples=args.samples,
+                iterations=args.iterations,
+            )  # fmt: skip
+            result = run_quality_bench(config, args.out)
+            print(format_table(result["rows"]))
+            print(f"command: {result['command']}\nwrote {args.out}/quality_{args.model}_T{args.steps}.{{json,png}}")
         elif args.command == "generate":
             summary = run_generate(args)
             print(

@@ -8,6 +8,7 @@ resumes from it with the same result as an uninterrupted run.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from .cache import CacheConfig, CacheState, apply_branch_cache, remove_branch_cache
 from .models import Model
-from .router import Router, RouterMetadata
+from .router import Router, RouterMetadata, save_router
 from .sampling import Conditioning, GenerationRequest, PromptEmbeddings, build_conditioning, predict_noise, step_kwargs
 
 OBJECTIVES = {
@@ -332,12 +333,50 @@ def _save(path: Path, router, optimizer, updates, lambdas, next_refresh, generat
     tmp.replace(path)  # atomic: a crash never leaves a torn checkpoint
 
 
-def router_metadata(model: Model, config: TrainConfig, quality: dict[str, Any], seconds: float) -> RouterMetadata:
-    """What a trained router file records: its target, the full training config and measured quality."""
-    return RouterMetadata(
+def default_data(model: Model, objective: str) -> TrainData:
+    """Training data a model brings along: for L2C on digits, the digits train split itself."""
+    if objective == "l2c" and model.name == "digits":
+        from .digits.data import digits_split
+
+        images, labels, _, _ = digits_split()
+        return TrainData(samples=images, labels=labels)
+    return TrainData()
+
+
+def train_and_save(
+    model: Model,
+    config: TrainConfig,
+    out: Path,
+    data: TrainData | None = None,
+    eval_samples: int = 100,
+    on_progress: ProgressCallback | None = None,
+    checkpoint: Path | None = None,
+) -> dict[str, Any]:
+    """Train, measure the router's plan against uncached generation, and write the router file.
+
+    The file's metadata records the full training config, its duration and the measured quality.
+    """
+    from .quality import evaluation_request, plan_quality
+    from .sampling import generate
+    from .schedules import make_plan
+
+    data = data or default_data(model, config.objective)
+    start = time.perf_counter()
+    router = train_router(model, config, data, on_progress, checkpoint)
+    seconds = time.perf_counter() - start
+    method = "l2c" if config.objective == "l2c" else "harmonica"
+    plan = make_plan(method, config.steps, len(model.branch_layout), router=router, threshold=config.tau)
+    request = evaluation_request(
+        model, eval_samples, config.steps, config.scheduler, config.guidance,
+        captions=data.captions, prompt_embeddings=data.prompt_embeddings,
+    )  # fmt: skip
+    quality = plan_quality(model, plan, request, generate(model, request)) | {"method": method}
+    metadata = RouterMetadata(
         target=model.router_target(config.scheduler, config.steps),
         threshold=config.tau,
         model_name=model.name,
         training=asdict(config) | {"seconds": round(seconds, 2)},
         quality=quality,
     )
+    save_router(out, router, metadata)
+    return quality

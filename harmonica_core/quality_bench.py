@@ -1,0 +1,166 @@
+"""`harmonica bench quality`: every method from the same noise, quality against speedup (the Pareto picture).
+
+Methods: uncached at T (the reference) and at fewer steps, FORA n = 2, 3, 4, and routers trained with
+the L2C, LTC and IEPO objectives over a sweep of beta. Routers are trained into `<out>/routers/` and
+reused when already there, so a rerun only re-measures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .models import Model, load_model
+from .quality import evaluation_request, plan_quality
+from .router import load_router
+from .sampling import GenerationRequest, generate
+from .schedules import CachePlan, fora_plan, make_plan, none_plan
+from .timing import interleaved_latencies, realized_speedups
+from .training import TrainConfig, train_and_save
+
+DEFAULT_BETAS = {
+    "iepo": (3e-7, 1e-6, 3e-6, 1e-5),
+    "ltc": (3e-3, 1e-2, 3e-2),
+    "l2c": (1e-3, 3e-3, 1e-2),
+}
+
+
+@dataclass
+class QualityBenchConfig:
+    model: str = "digits"
+    steps: int = 20
+    scheduler: str = "ddim"
+    guidance: float = 1.5
+    samples: int = 500
+    fewer_steps: tuple[int, ...] = (14, 10, 7)
+    fora: tuple[int, ...] = (2, 3, 4)
+    betas: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_BETAS))
+    iterations: int = 380
+    batch_size: int = 8
+    lr: float = 0.1
+    lambda_every: int = 95
+    timing_batch: int = 16
+    timing_repeats: int = 3
+    seed: int = 1234
+
+
+def _router_plans(model: Model, config: QualityBenchConfig, out: Path) -> dict[str, tuple[str, CachePlan]]:
+    """Train (or reuse) each router of the sweep; returns name -> (family, plan)."""
+    plans = {}
+    target = model.router_target(config.scheduler, config.steps)
+    for objective, betas in config.betas.items():
+        for beta in betas:
+            name = f"{objective} beta={beta:g}"
+            path = out / "routers" / f"{objective}_beta{beta:g}_T{config.steps}.safetensors"
+            if not path.is_file():
+                train = TrainConfig(
+                    objective=objective, steps=config.steps, scheduler=config.scheduler,
+                    iterations=config.iterations, batch_size=config.batch_size, lr=config.lr, beta=beta,
+                    lambda_every=config.lambda_every, guidance=config.guidance,
+                )  # fmt: skip
+                with tqdm(total=train.iterations, desc=f"train {name}", unit="update", leave=False) as bar:
+                    train_and_save(model, train, path, eval_samples=20, on_progress=lambda p: bar.update(1))
+            router, _ = load_router(path, target)
+            method = "l2c" if objective == "l2c" else "harmonica"
+            plans[name] = (objective, make_plan(method, config.steps, len(model.branch_layout), router=router))
+    return plans
+
+
+def run_quality_bench(config: QualityBenchConfig, out: Path) -> dict[str, Any]:
+    model = load_model(config.model)
+    n = len(model.branch_layout)
+    request = evaluation_request(model, config.samples, config.steps, config.scheduler, config.guidance, config.seed)
+    reference = generate(model, request)
+    methods: dict[str, tuple[str, GenerationRequest, CachePlan]] = {
+        "none": ("none", request, none_plan(config.steps, n))
+    }
+    for steps in config.fewer_steps:
+        methods[f"fewer steps T={steps}"] = ("fewer steps", _with_steps(request, steps), none_plan(steps, n))
+    for interval in config.fora:
+        methods[f"fora n={interval}"] = ("fora", request, fora_plan(config.steps, n, interval))
+    for name, (family, plan) in _router_plans(model, config, out).items():
+        methods[name] = (family, request, plan)
+
+    profile = model.mac_profile(*model.check_size(None, None))
+    full_macs = profile.generation_macs(None, config.steps, config.guidance > 1)
+    rows = []
+    for name, (family, req, plan) in tqdm(methods.items(), desc="measure"):
+        quality = plan_quality(model, plan, req, reference)
+        if req.steps != config.steps:  # fewer steps: speedup against the T-step uncached generation
+            quality["theoretical_speedup"] = full_macs / profile.generation_macs(None, req.steps, config.guidance > 1)
+        rows.append({"method": name, "family": family} | quality)
+
+    timing = {name: (_with_batch(req, config.timing_batch), plan) for name, (_, req, plan) in methods.items()}
+    seconds, _ = interleaved_latencies(model, timing, config.timing_repeats)
+    for row, realized in zip(rows, realized_speedups(seconds, "none").values(), strict=True):
+        row["realized_speedup_cpu"] = realized
+    result = {
+        "command": "harmonica " + " ".join(sys.argv[1:]),
+        "config": asdict(config),
+        "reference": {"samples": config.samples, "seed": config.seed},
+        "rows": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"quality_{config.model}_T{config.steps}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    _plot(
+        rows, stem.with_suffix(".png"), f"{config.model}, T={config.steps} {config.scheduler}, {config.samples} samples"
+    )
+    return result
+
+
+def _with_steps(request: GenerationRequest, steps: int) -> GenerationRequest:
+    return GenerationRequest(**(asdict(request) | {"steps": steps}))
+
+
+def _with_batch(request: GenerationRequest, batch: int) -> GenerationRequest:
+    labels = request.class_labels[:batch] if request.class_labels else None
+    prompts = request.prompts[:batch] if request.prompts else None
+    return GenerationRequest(**(asdict(request) | {"class_labels": labels, "prompts": prompts}))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | cache usage | theoretical | realized (CPU) | MSE | PSNR dB | accuracy | Frechet |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['cache_usage_rate']:.1%} | {r['theoretical_speedup']:.2f}x | "
+            f"{r['realized_speedup_cpu']:.2f}x | {r['mse']:.2e} | {r['psnr']:.1f} | "
+            f"{r.get('accuracy', float('nan')):.1%} | {r.get('frechet', float('nan')):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"none": "k*", "fewer steps": "s-", "fora": "^-", "l2c": "v-", "ltc": "D-", "iepo": "o-"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for family, style in styles.items():
+        points = sorted((r for r in rows if r["family"] == family), key=lambda r: r["theoretical_speedup"])
+        if not points:
+            continue
+        x = [p["theoretical_speedup"] for p in points]
+        label = "HarmoniCa (iepo)" if family == "iepo" else family
+        axes[0].plot(x, [min(p["psnr"], 60) for p in points], style, label=label)
+        axes[1].plot(x, [p.get("frechet", float("nan")) for p in points], style, label=label)
+    axes[0].set_ylabel("PSNR vs uncached, dB (higher is better; capped at 60)")
+    axes[1].set_ylabel("Frechet distance to real digits (lower is better)")
+    for ax in axes:
+        ax.set_xlabel("theoretical speedup (MACs)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
