@@ -64,6 +64,7 @@ class TrainConfig:
     lambda_mode: str = "cumulative"
     guidance: float = 1.5
     seed: int = 0
+    frozen: bool = True  # False: the released code's cost (weights take gradients, teacher keeps a graph); benchmarks
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -169,7 +170,7 @@ class _Run:
             return predict_noise(self.model, scheduler, x, t, cond, self.config.guidance)
         self.state.bypass = True
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(not self.config.frozen):
                 return predict_noise(self.model, scheduler, x, t, cond, self.config.guidance)
         finally:
             self.state.bypass = False
@@ -241,6 +242,7 @@ def train_router(
     )
     run = _Run(model, config, data, state)
     step = _l2c_update if config.objective == "l2c" else _sdt_trajectory
+    model.transformer.requires_grad_(not config.frozen)
     try:
         while updates < config.iterations:
             if checkpoint is not None:
@@ -252,6 +254,8 @@ def train_router(
             updates = step(run, router, optimizer, noise, cond, clean, lambdas, updates, on_progress, generator)
     finally:
         remove_branch_cache(model.transformer)
+        model.transformer.requires_grad_(False)
+        model.transformer.zero_grad(set_to_none=True)
     if checkpoint is not None:
         _save(checkpoint, router, optimizer, updates, lambdas, next_refresh, generator, config)
     return router

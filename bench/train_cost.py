@@ -1,0 +1,123 @@
+"""Router training cost: seconds per router update and peak memory, SDT (iepo) against L2C, each with
+our frozen transformer + no_grad teacher and with the released code's setup (weights take gradients,
+teacher keeps its graph), so the saving is measured.
+
+CPU mode (default): the digits model, T = 20, batch 8.
+GPU mode (--device cuda): a random DiT-XL/2-sized transformer at 256 px, T = 10, batch 8, fp16;
+skipped cleanly without CUDA. Each variant runs in its own process so peak memory is its own.
+
+    python bench/train_cost.py                 # writes bench/results/train_cost_cpu.json
+    python bench/train_cost.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = {
+    "sdt-iepo": ("iepo", True),
+    "sdt-iepo released-style": ("iepo", False),
+    "l2c": ("l2c", True),
+    "l2c released-style": ("l2c", False),
+}
+
+
+def measure(variant: str, device: str, steps: int, batch: int) -> dict:
+    """Run one variant in this process: 4 trajectories' worth of updates, two lambda refreshes."""
+    from harmonica_core.training import TrainConfig, TrainData, default_data, train_router
+
+    if device == "cpu":
+        from harmonica_core.models import load_model
+
+        model = load_model("digits")
+        data = default_data(model, VARIANTS[variant][0])
+    else:
+        from speed import build_model
+
+        model = build_model(device)
+        generator = torch.Generator().manual_seed(0)
+        data = TrainData(samples=torch.randn(64, 4, 32, 32, generator=generator), labels=torch.randint(1000, (64,)))
+    objective, frozen = VARIANTS[variant]
+    updates = 4 * (steps - 1)
+    config = TrainConfig(objective=objective, steps=steps, iterations=updates, batch_size=batch,
+                         lambda_every=2 * (steps - 1), frozen=frozen)  # fmt: skip
+    stamps: list[float] = []
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
+    def stamp(_progress) -> None:
+        sync()
+        stamps.append(time.perf_counter())
+
+    start = time.perf_counter()
+    train_router(model, config, data, on_progress=stamp)
+    intervals = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)][steps - 1 :]  # skip warm-up
+    median = statistics.median(intervals)
+    refreshes = [i - median for i in intervals if i > 3 * median]  # intervals that include a lambda refresh
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device != "cpu"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "variant": variant,
+        "update_s": median,
+        "lambda_refresh_s": statistics.mean(refreshes) if refreshes else None,
+        "peak_memory_gib": peak / 2**30,
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if device != "cpu" else "process max RSS",
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("CUDA is not available: GPU mode skipped")
+        return 0
+    if args.single:
+        print(json.dumps(measure(args.single, args.device, args.steps, args.batch)))
+        return 0
+    rows = []
+    for variant in VARIANTS:
+        command = [sys.executable, __file__, "--single", variant, "--device", args.device,
+                   "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(output.strip().splitlines()[-1]))
+        print(f"measured {variant}", file=sys.stderr)
+    device = torch.cuda.get_device_name() if args.device != "cpu" else "CPU (digits model)"
+    result = {"command": "python " + " ".join(sys.argv), "device": device, "torch": torch.__version__,
+              "steps": args.steps, "batch": args.batch, "rows": rows}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"train_cost_{'cpu' if args.device == 'cpu' else 'gpu'}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{device}, T={args.steps}, batch {args.batch}")
+    print("| variant | s / router update | lambda refresh s | peak memory GiB |\n|---|---|---|---|")
+    for r in rows:
+        refresh = f"{r['lambda_refresh_s']:.2f}" if r["lambda_refresh_s"] else "-"
+        print(f"| {r['variant']} | {r['update_s']:.3f} | {refresh} | {r['peak_memory_gib']:.2f} |")
+    print(f"command: {result['command']}\nwrote {path}")
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, help="sampling steps T (default 20 on CPU, 10 on GPU)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--single", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    args.steps = args.steps or (20 if args.device == "cpu" else 10)
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
