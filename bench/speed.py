@@ -22,7 +22,7 @@ from diffusers import DDIMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
 from harmonica_core.models import Model, load_model
-from harmonica_core.sampling import GenerationRequest
+from harmonica_core.sampling import GenerationRequest, generate
 from harmonica_core.schedules import CachePlan, fora_plan, none_plan
 from harmonica_core.timing import interleaved_latencies, realized_speedups
 
@@ -60,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
     request = GenerationRequest(
         class_labels=[i % min(model.num_classes, 10) for i in range(batch)], steps=args.steps, guidance=1.5
     )
+    if args.profile:
+        return profile_reuse(model, request)
     runs = {name: (request, plan) for name, plan in plans.items()}
     seconds, stats = interleaved_latencies(model, runs, args.repeats, tqdm(range(args.repeats), desc="repeats"))
     realized = realized_speedups(seconds, "none")
@@ -102,6 +104,19 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def profile_reuse(model: Model, request: GenerationRequest) -> int:
+    """Where the time goes once branches are skipped: step 0 computes, every later step reuses all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = len(model.branch_layout)
+    plan = CachePlan.from_rows([[True] * n] + [[False] * n] * (request.steps - 1))
+    generate(model, request, plan)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(model, request, plan)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return 0
+
+
 def plot(rows: list[dict], title: str, path: Path) -> None:
     import matplotlib
 
@@ -130,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--profile", action="store_true", help="profile an all-reuse generation instead")
     return parser.parse_args(argv)
 
 

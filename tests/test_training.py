@@ -111,3 +111,22 @@ def test_cli_router_is_accepted_by_generate_and_refused_for_other_steps(tmp_path
     capsys.readouterr()
     assert main(["generate", "--method", "harmonica", "--router", str(router), "--steps", "5", "--out", str(out)]) == 2
     assert "router mismatch on 'steps'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_builtin_routers_ship_for_digits_and_meet_their_metadata(digits, steps):
+    from harmonica_core.digits.model import builtin_routers
+    from harmonica_core.router import load_router
+
+    path = builtin_routers()["ddim", steps]
+    router, metadata = load_router(path, digits.router_target("ddim", steps))
+    assert metadata.training["objective"] == "iepo" and metadata.quality["cache_usage_rate"] > 0.2
+    assert router.plan(metadata.threshold).cache_usage_rate == pytest.approx(metadata.quality["cache_usage_rate"])
+
+
+def test_builtin_router_is_refused_where_none_ships(tmp_path, capsys):
+    args = ["generate", "--method", "harmonica", "--router", "builtin", "--steps", "7", "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert (
+        "no built-in router for digits with ddim at 7 steps (built in: ddim T=10, ddim T=20)" in capsys.readouterr().err
+    )
