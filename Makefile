@@ -16,7 +16,7 @@ $(BIN)/harmonica: pyproject.toml
 	touch $@
 
 run: $(BIN)/harmonica
-	$(BIN)/harmonica generate --model digits --method fora --interval 2 --steps 20 \
+	$(BIN)/harmonica generate --model digits --method harmonica --router builtin --steps 20 \
 		--labels 0,1,2,3,4,5,6,7,8,9 --num-images 4 --seed 0 --out $(OUT)
 
 lint: $(BIN)/harmonica
