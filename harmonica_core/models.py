@@ -87,8 +87,13 @@ class Model:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Config plus a sample of every weight tensor: cheap even for XL models, changes with the weights."""
-        digest = hashlib.sha256(json.dumps(dict(self.transformer.config), sort_keys=True, default=str).encode())
+        """Config plus a sample of every weight tensor: cheap even for XL models, changes with the weights.
+
+        Private config keys (`_name_or_path`, `_diffusers_version`) are left out: moving or re-saving the
+        same model must not change it.
+        """
+        config = {k: v for k, v in dict(self.transformer.config).items() if not k.startswith("_")}
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         for name, tensor in self.transformer.state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())

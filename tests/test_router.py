@@ -74,3 +74,17 @@ def test_methods_that_need_a_router_say_so():
     with pytest.raises(ValueError, match="unknown method"):
         make_plan("teacache", 10, 4)
     assert make_plan("fora", 5, 2, interval=2).compute == ((True, True), (False, False)) * 2 + ((True, True),)
+
+
+def test_fingerprint_follows_the_weights_not_the_folder(digits, tmp_path):
+    import shutil
+
+    from harmonica_core.digits.model import WEIGHTS_DIR, load_digits
+
+    shutil.copytree(WEIGHTS_DIR, tmp_path / "weights")
+    moved = load_digits(tmp_path / "weights")
+    assert moved.fingerprint == digits.fingerprint
+    with torch.no_grad():
+        moved.transformer.transformer_blocks[0].ff.net[2].weight.view(-1)[0] += 1
+    del moved.__dict__["fingerprint"]
+    assert moved.fingerprint != digits.fingerprint
