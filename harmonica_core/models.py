@@ -109,15 +109,23 @@ class Model:
             raise ValueError(f"height and width must be multiples of {step} for {self.name}")
         return height, width
 
-    def make_scheduler(self, name: str) -> SchedulerMixin:
-        """A fresh scheduler of the named kind (schedulers keep per-run state), from the model's config."""
+    def latent_shape(self, images: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The shape the transformer denoises for `images` images of height x width pixels."""
+        return (images, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+
+    def make_scheduler(self, name: str, steps: int) -> SchedulerMixin:
+        """A fresh scheduler of the named kind (schedulers keep per-run state), from the model's config,
+        set to `steps` steps on the model's device and ready to run from its first step."""
         if name not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-        return SCHEDULERS[name].from_config(self.scheduler.config)
+        scheduler = SCHEDULERS[name].from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        return scheduler
 
     def router_target(self, scheduler_name: str, steps: int) -> RouterTarget:
-        scheduler = self.make_scheduler(scheduler_name)
-        scheduler.set_timesteps(steps)
+        scheduler = self.make_scheduler(scheduler_name, steps)
         config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
         return RouterTarget(
             architecture=type(self.transformer).__name__,
@@ -133,7 +141,7 @@ class Model:
         key = (height, width, text_len)
         profiles = self.__dict__.setdefault("_mac_profiles", {})
         if key not in profiles:
-            latent = (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+            latent = self.latent_shape(1, height, width)
             profiles[key] = count_macs(
                 self.transformer, lambda device: self._meta_inputs(device, latent, text_len), self.vae, latent
             )

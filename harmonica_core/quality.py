@@ -26,13 +26,7 @@ def evaluation_request(
         request.class_labels = [i % min(model.num_classes, 10) for i in range(samples)]
     elif prompt_embeddings is not None:
         rows = [i % len(prompt_embeddings.embeds) for i in range(samples)]
-        pe = prompt_embeddings
-        request.prompt_embeddings = PromptEmbeddings(
-            pe.embeds[rows],
-            pe.mask[rows],
-            None if pe.negative_embeds is None else pe.negative_embeds[rows],
-            None if pe.negative_mask is None else pe.negative_mask[rows],
-        )
+        request.prompt_embeddings = prompt_embeddings.select(rows)
     else:
         request.prompts = [captions[i % len(captions)] for i in range(samples)]
     return request

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from .router import load_router
 from .sampling import GenerationRequest, generate
 from .schedules import CachePlan, fora_plan, make_plan, none_plan
 from .timing import interleaved_latencies, realized_speedups
-from .training import TrainConfig, train_and_save
+from .training import TrainConfig, plan_method, train_and_save
 
 DEFAULT_BETAS = {
     "iepo": (3e-7, 1e-6, 3e-6, 1e-5),
@@ -66,8 +66,8 @@ def _router_plans(model: Model, config: QualityBenchConfig, out: Path) -> dict[s
                 with tqdm(total=train.iterations, desc=f"train {name}", unit="update", leave=False) as bar:
                     train_and_save(model, train, path, eval_samples=20, on_progress=lambda p: bar.update(1))
             router, _ = load_router(path, target)
-            method = "l2c" if objective == "l2c" else "harmonica"
-            plans[name] = (objective, make_plan(method, config.steps, len(model.branch_layout), router=router))
+            plan = make_plan(plan_method(objective), config.steps, len(model.branch_layout), router=router)
+            plans[name] = (objective, plan)
     return plans
 
 
@@ -80,7 +80,11 @@ def run_quality_bench(config: QualityBenchConfig, out: Path) -> dict[str, Any]:
         "none": ("none", request, none_plan(config.steps, n))
     }
     for steps in config.fewer_steps:
-        methods[f"fewer steps T={steps}"] = ("fewer steps", _with_steps(request, steps), none_plan(steps, n))
+        methods[f"fewer steps T={steps}"] = (
+            "fewer steps",
+            replace(request, steps=steps),
+            none_plan(steps, n),
+        )
     for interval in config.fora:
         methods[f"fora n={interval}"] = ("fora", request, fora_plan(config.steps, n, interval))
     for name, (family, plan) in _router_plans(model, config, out).items():
@@ -114,14 +118,11 @@ def run_quality_bench(config: QualityBenchConfig, out: Path) -> dict[str, Any]:
     return result
 
 
-def _with_steps(request: GenerationRequest, steps: int) -> GenerationRequest:
-    return GenerationRequest(**(asdict(request) | {"steps": steps}))
-
-
 def _with_batch(request: GenerationRequest, batch: int) -> GenerationRequest:
     labels = request.class_labels[:batch] if request.class_labels else None
     prompts = request.prompts[:batch] if request.prompts else None
-    return GenerationRequest(**(asdict(request) | {"class_labels": labels, "prompts": prompts}))
+    embeddings = request.prompt_embeddings.select(slice(0, batch)) if request.prompt_embeddings else None
+    return replace(request, class_labels=labels, prompts=prompts, prompt_embeddings=embeddings)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -36,6 +36,12 @@ class PromptEmbeddings:
     negative_embeds: torch.Tensor | None = None
     negative_mask: torch.Tensor | None = None
 
+    def select(self, rows: list[int] | torch.Tensor) -> PromptEmbeddings:
+        """The embeddings of the given rows (a batch drawn from a pool)."""
+        negative = None if self.negative_embeds is None else self.negative_embeds[rows]
+        negative_mask = None if self.negative_mask is None else self.negative_mask[rows]
+        return PromptEmbeddings(self.embeds[rows], self.mask[rows], negative, negative_mask)
+
 
 @dataclass
 class GenerationRequest:
@@ -169,7 +175,7 @@ def predict_noise(
 
 
 def initial_noise(model: Model, scheduler: Any, images: int, height: int, width: int, seed: int) -> torch.Tensor:
-    shape = (images, model.latent_channels, height // model.vae_scale, width // model.vae_scale)
+    shape = model.latent_shape(images, height, width)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
     return noise * scheduler.init_noise_sigma
@@ -210,10 +216,7 @@ def generate(
             f"the plan is {plan.steps} steps x {plan.branches} branches but this run needs {request.steps} x {branches}"
         )
     cond = build_conditioning(model, request)
-    scheduler = model.make_scheduler(request.scheduler)
-    scheduler.set_timesteps(request.steps, device=model.device)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
+    scheduler = model.make_scheduler(request.scheduler, request.steps)
     latents = initial_noise(model, scheduler, cond.images, height, width, request.seed)
     extra = step_kwargs(scheduler, request.seed)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)

@@ -40,6 +40,11 @@ DEFAULT_CAPTIONS = (
 )
 
 
+def plan_method(objective: str) -> str:
+    """The inference method a router trained with `objective` runs under (L2C alternates full steps)."""
+    return "l2c" if objective == "l2c" else "harmonica"
+
+
 class TrainingCancelled(RuntimeError):
     """Raised by a progress callback to stop training between router updates."""
 
@@ -123,24 +128,16 @@ class _Run:
 
     def __init__(self, model: Model, config: TrainConfig, data: TrainData, state: CacheState) -> None:
         self.model, self.config, self.data, self.state = model, config, data, state
-        scheduler = model.make_scheduler(config.scheduler)
-        scheduler.set_timesteps(config.steps, device=model.device)
-        self.timesteps = scheduler.timesteps
-        height, width = model.check_size(None, None)
-        self.latent = (model.latent_channels, height // model.vae_scale, width // model.vae_scale)
+        self.latent = model.latent_shape(config.batch_size, *model.check_size(None, None))
 
     def scheduler(self) -> Any:
         """A fresh scheduler per trajectory: multistep solvers keep per-trajectory state."""
-        scheduler = self.model.make_scheduler(self.config.scheduler)
-        scheduler.set_timesteps(self.config.steps, device=self.model.device)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        return scheduler
+        return self.model.make_scheduler(self.config.scheduler, self.config.steps)
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, Conditioning, torch.Tensor | None]:
         """Noise x_T, the CFG conditioning, and (L2C) clean samples, all drawn from `generator`."""
         b, model, data = self.config.batch_size, self.model, self.data
-        noise = torch.randn((b, *self.latent), generator=generator).to(model.device, model.dtype)
+        noise = torch.randn(self.latent, generator=generator).to(model.device, model.dtype)
         clean = None
         request = GenerationRequest(steps=self.config.steps, guidance=self.config.guidance)
         if self.config.objective == "l2c":
@@ -154,11 +151,8 @@ class _Run:
             else:
                 request.class_labels = torch.randint(min(model.num_classes, 1000), (b,), generator=generator).tolist()
         elif data.prompt_embeddings is not None:
-            pe = data.prompt_embeddings
-            rows = torch.randint(len(pe.embeds), (b,), generator=generator)
-            negative = None if pe.negative_embeds is None else pe.negative_embeds[rows]
-            negative_mask = None if pe.negative_mask is None else pe.negative_mask[rows]
-            request.prompt_embeddings = PromptEmbeddings(pe.embeds[rows], pe.mask[rows], negative, negative_mask)
+            rows = torch.randint(len(data.prompt_embeddings.embeds), (b,), generator=generator)
+            request.prompt_embeddings = data.prompt_embeddings.select(rows)
         else:
             picks = torch.randint(len(data.captions), (b,), generator=generator).tolist()
             request.prompts = [data.captions[i] for i in picks]
@@ -368,7 +362,7 @@ def train_and_save(
     start = time.perf_counter()
     router = train_router(model, config, data, on_progress, checkpoint)
     seconds = time.perf_counter() - start
-    method = "l2c" if config.objective == "l2c" else "harmonica"
+    method = plan_method(config.objective)
     plan = make_plan(method, config.steps, len(model.branch_layout), router=router, threshold=config.tau)
     request = evaluation_request(
         model, eval_samples, config.steps, config.scheduler, config.guidance,
