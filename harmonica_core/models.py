@@ -174,13 +174,14 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
 
     Without `HF_HUB_OFFLINE=1`, a hub id missing from the cache is downloaded by diffusers as usual.
     """
+    device = _check_device(device)
     if name == "digits":
         from .digits.model import load_digits
 
         model = load_digits()
     else:
         model = _load_pipeline_folder(name, _resolve_folder(name))
-    if torch.device(device).type == "cpu":
+    if device.type == "cpu":
         # Denormal floats (seen with L2C's noised real digits) make CPU math ~6x slower; flushing them
         # to zero changes nothing above 1e-38. Process-wide, like the thread count.
         torch.set_flush_denormal(True)
@@ -192,6 +193,17 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
             if dtype is not None:
                 module.to(dtype)
     return model
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """Refuse a device this machine cannot use before any weights are read."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but CUDA is not available here; use --device cpu")
+    return device
 
 
 def _resolve_folder(name: str) -> Path:

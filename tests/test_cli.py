@@ -37,6 +37,7 @@ def test_generate_writes_images_and_a_summary(tmp_path):
         (["--steps", "0"], "must be >= 1"),
         (["--threshold", "2"], "must be in [0, 1]"),
         (["--model", "facebook/DiT-XL-2-256"], "huggingface-cli download"),
+        (["--device", "banana"], "unknown device 'banana'"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_message(tmp_path, monkeypatch, args, message):

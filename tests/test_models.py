@@ -51,3 +51,9 @@ def test_missing_models_give_one_clear_line(tmp_path, monkeypatch):
         load_model(str(tmp_path))
     with pytest.raises(ModelNotFoundError, match="no model folder"):
         load_model(str(tmp_path / "nowhere" / "model"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_is_refused_clearly_without_a_gpu():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        load_model("digits", device="cuda")
