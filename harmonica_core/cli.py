@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     gen.add_argument("--out", type=Path, required=True, help="output folder")
 
-    from .training import LAMBDA_MODES, OBJECTIVES, TrainConfig
+    from .catalog import LAMBDA_MODES, OBJECTIVES
+    from .training import TrainConfig
 
     tc = TrainConfig()
     tr = commands.add_parser("train-router", help="train a router (SDT + IEPO, LTC, or L2C) and write its file")
@@ -160,7 +161,7 @@ def run_generate(args: argparse.Namespace) -> dict:
 
 
 def builtin_router(model: str, scheduler: str, steps: int) -> Path:
-    from .digits.model import builtin_routers
+    from .catalog import builtin_routers
 
     routers = builtin_routers() if model == "digits" else {}
     if (scheduler, steps) not in routers:

@@ -16,24 +16,15 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
 from torch import nn
 
 from .branches import MacProfile, branch_layout, count_macs
+from .catalog import MODELS, SCHEDULER_NAMES
 from .router import RouterTarget
 
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {
-    "ddim": DDIMScheduler,
-    "dpm-solver++": DPMSolverMultistepScheduler,
-}
+SCHEDULERS: dict[str, type[SchedulerMixin]] = dict(
+    zip(SCHEDULER_NAMES, (DDIMScheduler, DPMSolverMultistepScheduler), strict=True)
+)
 
 PIPELINE_FAMILIES = {"DiTPipeline": "dit", "PixArtAlphaPipeline": "pixart", "PixArtSigmaPipeline": "pixart"}
-
-# Known models; the CLI choices and the service's /models read this.
-MODELS: dict[str, str] = {
-    "digits": "built-in class-conditional DiT on scikit-learn's 8x8 handwritten digits (pixel space, CPU-friendly)",
-    "facebook/DiT-XL-2-256": "DiT-XL/2, ImageNet 256x256, class-conditional (from the local Hugging Face cache)",
-    "facebook/DiT-XL-2-512": "DiT-XL/2, ImageNet 512x512, class-conditional (from the local Hugging Face cache)",
-    "PixArt-alpha/PixArt-XL-2-512x512": "PixArt-α 512px, text-to-image (from the local Hugging Face cache)",
-    "PixArt-alpha/PixArt-XL-2-1024-MS": "PixArt-α 1024px, text-to-image (from the local Hugging Face cache)",
-    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": "PixArt-Σ 1024px, text-to-image (from the local Hugging Face cache)",
-}
+__all__ = ["MODELS", "SCHEDULERS", "Model", "ModelNotFoundError", "load_model"]
 
 
 class ModelNotFoundError(FileNotFoundError):

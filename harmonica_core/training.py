@@ -18,16 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from .cache import CacheConfig, CacheState, apply_branch_cache, remove_branch_cache
+from .catalog import LAMBDA_MODES, OBJECTIVES
 from .models import Model
 from .router import Router, RouterMetadata, save_router
 from .sampling import Conditioning, GenerationRequest, PromptEmbeddings, build_conditioning, predict_noise, step_kwargs
 
-OBJECTIVES = {
-    "iepo": "SDT with the Image-Error-Proxy-Guided Objective: per-step loss weighted by lambda_k (HarmoniCa)",
-    "ltc": "SDT with lambda_k = 1 (the paper's ablation)",
-    "l2c": "Learning-to-Cache: per-step training from noised real data, alternating inference",
-}
-LAMBDA_MODES = ("cumulative", "leave_one_out")
 DEFAULT_CAPTIONS = (
     "a photograph of a cat sitting on a windowsill",
     "a red sports car on a mountain road",

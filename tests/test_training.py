@@ -115,7 +115,7 @@ def test_cli_router_is_accepted_by_generate_and_refused_for_other_steps(tmp_path
 
 @pytest.mark.parametrize("steps", [10, 20])
 def test_builtin_routers_ship_for_digits_and_meet_their_metadata(digits, steps):
-    from harmonica_core.digits.model import builtin_routers
+    from harmonica_core.catalog import builtin_routers
     from harmonica_core.router import load_router
 
     path = builtin_routers()["ddim", steps]

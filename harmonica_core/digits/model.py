@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
+from ..catalog import DIGITS_WEIGHTS
 from .data import IMAGE_SIZE, NUM_CLASSES, digits_split
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-ROUTERS_DIR = WEIGHTS_DIR / "routers"
+WEIGHTS_DIR = DIGITS_WEIGHTS
 
 # 64 tokens (patch 1 on 8x8) of width 192, 6 blocks: ~4.6M parameters, shipped in fp16 (~9 MB). Wide enough that the
 # attention and MLP branches dominate the cost even on a CPU, so cache savings show up in wall time.
@@ -47,15 +47,6 @@ class DigitsTrainConfig:
     ema_decay: float = 0.999
     label_dropout: float = 0.1  # null-class training for classifier-free guidance
     seed: int = 0
-
-
-def builtin_routers() -> dict[tuple[str, int], Path]:
-    """Shipped routers by (scheduler, steps), named `<objective>_<scheduler>_T<steps>.safetensors`."""
-    routers = {}
-    for path in sorted(ROUTERS_DIR.glob("iepo_*_T*.safetensors")):
-        _, scheduler, steps = path.stem.rsplit("_", 2)
-        routers[scheduler, int(steps[1:])] = path
-    return routers
 
 
 def load_digits(weights: Path = WEIGHTS_DIR):

@@ -1,0 +1,92 @@
+"""What the library offers, without importing torch: models, schedulers, objectives, built-in routers.
+
+The service gateway validates requests and lists routers from this module alone, so it starts fast
+and never loads torch; the modules that run models import their names from here.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEDULER_NAMES = ("ddim", "dpm-solver++")
+OBJECTIVES = {
+    "iepo": "SDT with the Image-Error-Proxy-Guided Objective: per-step loss weighted by lambda_k (HarmoniCa)",
+    "ltc": "SDT with lambda_k = 1 (the paper's ablation)",
+    "l2c": "Learning-to-Cache: per-step training from noised real data, alternating inference",
+}
+LAMBDA_MODES = ("cumulative", "leave_one_out")
+DIGITS_WEIGHTS = Path(__file__).parent / "digits" / "weights"
+BUILTIN_ROUTERS_DIR = DIGITS_WEIGHTS / "routers"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Static facts a caller can check a request against before any weights load."""
+
+    description: str
+    family: str  # "dit": class labels; "pixart": prompts
+    num_classes: int = 0  # DiT: labels are 0..num_classes-1
+    size: int = 0  # default (and, for DiT, only) image side in pixels
+    max_size: int = 0  # PixArt: largest side; sides are multiples of 16
+
+
+MODELS: dict[str, ModelInfo] = {
+    "digits": ModelInfo(
+        "built-in class-conditional DiT on scikit-learn's 8x8 handwritten digits (pixel space, CPU-friendly)",
+        "dit",
+        10,
+        8,
+    ),
+    "facebook/DiT-XL-2-256": ModelInfo(
+        "DiT-XL/2, ImageNet 256x256, class-conditional (from the local Hugging Face cache)", "dit", 1000, 256
+    ),
+    "facebook/DiT-XL-2-512": ModelInfo(
+        "DiT-XL/2, ImageNet 512x512, class-conditional (from the local Hugging Face cache)", "dit", 1000, 512
+    ),
+    "PixArt-alpha/PixArt-XL-2-512x512": ModelInfo(
+        "PixArt-α 512px, text-to-image (from the local Hugging Face cache)", "pixart", size=512, max_size=1024
+    ),
+    "PixArt-alpha/PixArt-XL-2-1024-MS": ModelInfo(
+        "PixArt-α 1024px, text-to-image (from the local Hugging Face cache)", "pixart", size=1024, max_size=2048
+    ),
+    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": ModelInfo(
+        "PixArt-Σ 1024px, text-to-image (from the local Hugging Face cache)", "pixart", size=1024, max_size=2048
+    ),
+}
+
+
+def builtin_routers() -> dict[tuple[str, int], Path]:
+    """Shipped digits routers by (scheduler, steps), named `<objective>_<scheduler>_T<steps>.safetensors`."""
+    routers = {}
+    for path in sorted(BUILTIN_ROUTERS_DIR.glob("iepo_*_T*.safetensors")):
+        _, scheduler, steps = path.stem.rsplit("_", 2)
+        routers[scheduler, int(steps[1:])] = path
+    return routers
+
+
+def read_router_metadata(path: str | Path) -> dict[str, Any]:
+    """A router file's JSON metadata, read from the safetensors header (no tensor, no torch).
+
+    The layout is an 8-byte little-endian header length, then the JSON header whose
+    `__metadata__["harmonica"]` holds our metadata (see `router.save_router`).
+    """
+    path = Path(path)
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 10_000_000:
+            raise ValueError(f"{path} is not a safetensors file (header of {length} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path} is not a safetensors file") from None
+    blob = (header.get("__metadata__") or {}).get("harmonica")
+    if blob is None:
+        raise ValueError(f"{path} is a safetensors file but not a HarmoniCa router (no 'harmonica' metadata)")
+    return json.loads(blob)
