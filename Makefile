@@ -4,7 +4,6 @@ VENV ?= .venv
 # CPU build by default (small, from PyPI or this machine's local wheel); GPU hosts: make TORCH="torch>=2.4"
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-OUT ?= out/run
 
 .PHONY: run test lint bench clean
 
@@ -16,8 +15,7 @@ $(BIN)/harmonica: pyproject.toml
 	touch $@
 
 run: $(BIN)/harmonica
-	$(BIN)/harmonica generate --model digits --method harmonica --router builtin --steps 20 \
-		--labels 0,1,2,3,4,5,6,7,8,9 --num-images 4 --seed 0 --out $(OUT)
+	$(BIN)/python -m app.run
 
 lint: $(BIN)/harmonica
 	$(BIN)/ruff check .
@@ -30,4 +28,4 @@ bench: $(BIN)/harmonica
 	$(BIN)/python bench/speed.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache
+	rm -rf $(VENV) out var .pytest_cache .ruff_cache

@@ -1,0 +1,51 @@
+"""The Celery application as both sides see it: broker, queues, routes, delivery and time limits.
+
+The gateway only sends tasks by name; `worker.tasks` registers them. Both build the app from this
+one function so the Redis transport options (the visibility timeout above all) are identical
+everywhere (serving.md §1.5, §1.14).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .settings import Settings
+
+GENERATE_TASK = "harmonica.generate"
+TRAIN_TASK = "harmonica.train_router"
+QUEUES = {"generate": "gen", "train_router": "train"}
+TASKS = {"generate": GENERATE_TASK, "train_router": TRAIN_TASK}
+
+
+def make_celery(settings: Settings) -> Celery:
+    # Unacked jobs of a worker that died without warning come back after the visibility timeout,
+    # found by a sweep every `restore_interval` seconds (kombu's default is 100 s).
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": settings.restore_interval,
+        "unacked_restore_throttle": 1,
+    }
+    celery = Celery("harmonica", broker=settings.redis_url)
+    celery.conf.update(
+        task_default_queue=QUEUES["generate"],
+        task_routes={GENERATE_TASK: {"queue": QUEUES["generate"]}, TRAIN_TASK: {"queue": QUEUES["train_router"]}},
+        task_ignore_result=True,  # the job record in Redis is the result
+        task_acks_late=True,  # a message is acked after its job ends: a dead worker's job is delivered again
+        task_reject_on_worker_lost=True,  # a killed pool child requeues; our delivery counter stops loops
+        task_acks_on_failure=True,
+        task_acks_on_timeout=True,
+        worker_prefetch_multiplier=1,  # reserve only the running job
+        worker_cancel_long_running_tasks_on_connection_loss=True,  # else a reconnect runs a job twice
+        worker_soft_shutdown_timeout=60.0,  # SIGTERM (remapped to SIGQUIT) restores unacked jobs at once
+        worker_proc_alive_timeout=120.0,  # pool children import torch before they report up
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        visibility_timeout=settings.visibility_timeout,
+        task_annotations={
+            GENERATE_TASK: {"soft_time_limit": settings.gen_soft_time_limit, "time_limit": settings.gen_time_limit},
+            TRAIN_TASK: {"soft_time_limit": settings.train_soft_time_limit, "time_limit": settings.train_time_limit},
+        },
+    )
+    return celery

@@ -1,0 +1,86 @@
+"""One settings object per process, read from the environment (`HARMONICA_*`, plus `REDIS_URL`).
+
+The gateway and the workers read the same settings, so queue names, time limits and the Redis
+visibility timeout can never disagree between them (serving.md §1.5: the shortest one wins).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HARMONICA_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "HARMONICA_REDIS_URL"),
+        description="broker and job records",
+    )
+    artifacts_dir: Path = Field(Path("var/artifacts"), description="images and routers; shared by gateway and workers")
+    api_keys: str = Field("", description="comma-separated `name:sha256hex` entries (see `python -m app.keys`)")
+    api_keys_file: Path | None = Field(None, description="file with one `name:sha256hex` entry per line")
+    models: str = Field("digits", description="comma-separated models the service accepts")
+    device: str = Field("cpu", description="workers' torch device: cpu, cuda, cuda:1, ...")
+    max_models_per_worker: int = Field(2, ge=1, description="pipelines kept in memory per worker process")
+
+    # Admission limits: requests beyond them get a 4xx that names the limit.
+    max_steps: int = Field(100, ge=2)
+    max_images_per_job: int = Field(64, ge=1)
+    max_resolution: int = Field(1024, ge=8)
+    max_prompt_chars: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(65536, ge=1024)
+    max_queue_depth: int = Field(100, ge=1, description="queued jobs per queue before POSTs get 429")
+    max_train_iterations: int = Field(20000, ge=1)
+    max_train_batch_size: int = Field(64, ge=1)
+    max_eval_samples: int = Field(500, ge=1)
+
+    # Delivery and time limits (seconds). Hard limits kill the pool child; the visibility timeout
+    # must exceed every hard limit, or a long job is handed to a second worker while it runs.
+    gen_soft_time_limit: float = Field(300, gt=0)
+    gen_time_limit: float = Field(360, gt=0)
+    train_soft_time_limit: float = Field(6 * 3600, gt=0)
+    train_time_limit: float = Field(6 * 3600 + 120, gt=0)
+    visibility_timeout: float = Field(7 * 3600, gt=0)
+    restore_interval: float = Field(10, gt=0, description="seconds between sweeps that requeue a dead worker's jobs")
+    max_deliveries: int = Field(3, ge=1, description="a job delivered more often than this fails")
+    lease_seconds: float = Field(30, gt=0, description="a running job's lease; renewed while it runs")
+    job_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="how long finished job records are kept")
+    worker_heartbeat_seconds: float = Field(5, gt=0)
+    key_prefix: str = Field("harmonica:", description="prefix of every Redis key the service writes")
+
+    @model_validator(mode="after")
+    def _consistent_limits(self) -> Settings:
+        for kind in ("gen", "train"):
+            soft, hard = getattr(self, f"{kind}_soft_time_limit"), getattr(self, f"{kind}_time_limit")
+            if soft >= hard:
+                raise ValueError(
+                    f"HARMONICA_{kind.upper()}_SOFT_TIME_LIMIT must be below HARMONICA_{kind.upper()}_TIME_LIMIT"
+                )
+        longest = max(self.gen_time_limit, self.train_time_limit)
+        if self.visibility_timeout <= longest:
+            raise ValueError(
+                f"HARMONICA_VISIBILITY_TIMEOUT ({self.visibility_timeout:g} s) must exceed the longest hard time "
+                f"limit ({longest:g} s), or running jobs are redelivered to a second worker"
+            )
+        return self
+
+    @property
+    def model_names(self) -> list[str]:
+        return [name.strip() for name in self.models.split(",") if name.strip()]
+
+    @property
+    def routers_dir(self) -> Path:
+        return self.artifacts_dir / "routers"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.artifacts_dir / "jobs" / job_id
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

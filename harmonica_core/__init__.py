@@ -1,0 +1,1 @@
+"""HarmoniCa learned feature caching for Diffusion Transformers: the algorithm as a library."""

@@ -1,0 +1,1 @@
+"""Celery workers that run generation and router training with `harmonica_core`."""

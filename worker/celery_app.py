@@ -1,0 +1,82 @@
+"""The worker's Celery app: shared configuration from `app.queue`, plus what the parent process does.
+
+The parent (never the pool children) serves Prometheus metrics merged from the children's files
+(multiprocess mode) and writes a heartbeat to Redis that `/readyz` and `harmonica_workers` read.
+It does not import torch: the tasks load models inside the children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+
+import redis
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+
+from app.jobs import JobStore
+from app.queue import make_celery
+from app.settings import get_settings
+
+log = logging.getLogger("harmonica.worker")
+settings = get_settings()
+celery = make_celery(settings)
+celery.conf.imports = ["worker.tasks"]
+store = JobStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix, settings.job_ttl_seconds)
+_stop = threading.Event()
+
+
+def _heartbeat(name: str, queues: list[str]) -> None:
+    interval = settings.worker_heartbeat_seconds
+    while True:
+        try:
+            store.heartbeat(name, queues, 3 * interval)
+        except redis.RedisError as error:
+            log.warning("heartbeat failed: %s", error)
+        if _stop.wait(interval):
+            return
+
+
+@worker_ready.connect
+def _start(sender, **_: object) -> None:  # type: ignore[no-untyped-def]
+    """Metrics endpoint and heartbeat, in the parent once the pool is up."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    port = int(os.environ.get("HARMONICA_WORKER_METRICS_PORT", "9101"))
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    start_http_server(port, registry=registry)
+    queues = sorted(queue.name for queue in sender.app.amqp.queues.consume_from.values())
+    name = sender.hostname or socket.gethostname()
+    threading.Thread(target=_heartbeat, args=(name, queues), daemon=True).start()
+    log.info("worker %s consuming %s; metrics on :%d/metrics", name, ",".join(queues), port)
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(sender, **_: object) -> None:  # type: ignore[no-untyped-def]
+    _stop.set()
+    with contextlib.suppress(redis.RedisError):
+        store.redis.delete(f"{settings.key_prefix}worker:{sender.hostname}")
+
+
+@worker_process_init.connect
+def _preload(**_: object) -> None:
+    """Load the served models in each pool child before its first job, so jobs never pay for it."""
+    from .runner import get_model
+
+    for name in settings.model_names[: settings.max_models_per_worker]:
+        try:
+            get_model(name, settings)
+        except Exception as error:  # a job for it will fail with the reason; the worker still serves others
+            log.warning("could not preload model %s: %s", name, error)
+
+
+@worker_process_shutdown.connect
+def _child_exit(pid: int | None = None, **_: object) -> None:
+    from prometheus_client import multiprocess
+
+    if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,164 @@
+"""The two Celery tasks and the delivery protocol they share.
+
+A message carries only the job id; the job record in Redis says what to do. Each delivery:
+counts itself (past `max_deliveries` the job fails instead of looping on a poison job), takes the
+job's lease (so a duplicate delivery never runs beside a live copy), moves the record to `running`
+unless it is final already (a canceled queued job never runs), runs, and writes exactly one final
+state. Progress and cancellation travel through the core's callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery import Task
+
+from app import metrics
+from app.jobs import Job, JobStore, now
+from app.settings import get_settings
+
+from .celery_app import celery, store
+
+log = logging.getLogger("harmonica.worker")
+PROGRESS_INTERVAL = 0.2  # seconds between progress writes; cancellation is checked at every step
+
+
+class JobTask(Task):
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Runs in the worker's parent after a hard time limit killed the child: the job must still end."""
+        if isinstance(exc, TimeLimitExceeded):
+            job = store.get(task_id)
+            if job is not None and store.transition(task_id, ("queued", "running"), "failed", error={
+                "code": "timeout", "message": f"killed at the hard time limit ({exc})"
+            }) == "running":  # fmt: skip
+                metrics.JOBS_COMPLETED.labels(job.kind, job.model, "failed").inc()
+
+
+class Lease:
+    """Holds the job's lease and renews it from a thread while the job runs."""
+
+    def __init__(self, store: JobStore, job_id: str, seconds: float) -> None:
+        self.store, self.job_id, self.seconds = store, job_id, seconds
+        self.token = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True)
+
+    def acquire(self) -> bool:
+        if not self.store.acquire_lease(self.job_id, self.token, self.seconds):
+            return False
+        self._thread.start()
+        return True
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            self.store.renew_lease(self.job_id, self.token, self.seconds)
+
+    def release(self) -> None:
+        self._stop.set()
+        self.store.release_lease(self.job_id, self.token)
+
+
+def reporter(job: Job, cancel_error: type[Exception]) -> Callable[[dict[str, Any]], None]:
+    """Progress callback: checks the cancel flag each call, writes progress at most every 0.2 s."""
+    last = 0.0
+
+    def report(progress: dict[str, Any]) -> None:
+        nonlocal last
+        if store.cancel_requested(job.id):
+            raise cancel_error(f"job {job.id} canceled")
+        at = time.monotonic()
+        final = progress.get("step", progress.get("iteration")) == progress["total"]
+        if final or at - last >= PROGRESS_INTERVAL:
+            store.update(job.id, progress=progress)
+            last = at
+
+    return report
+
+
+def finish(job: Job, status: str, **fields: Any) -> None:
+    """Write the final state once; count and time it only if this call made it final."""
+    if store.transition(job.id, ("queued", "running"), status, **fields) not in ("queued", "running"):
+        return
+    metrics.JOBS_COMPLETED.labels(job.kind, job.model, status).inc()
+    record = store.get(job.id)
+    if record is not None and record.finished_at is not None:
+        metrics.E2E_LATENCY.labels(job.kind, job.model).observe(record.finished_at - record.created_at)
+        if record.started_at is not None:
+            metrics.INFERENCE_TIME.labels(job.kind, job.model).observe(record.finished_at - record.started_at)
+
+
+def execute(task: Task, job_id: str, work: Callable[[Job, Any], dict[str, Any]], cancel_error: type[Exception]):
+    settings = get_settings()
+    job = store.get(job_id)
+    if job is None or job.final:  # expired, canceled while queued, or a late duplicate of a finished job
+        log.info("job %s: nothing to run (%s)", job_id, "no record" if job is None else job.status)
+        return
+    lease = Lease(store, job_id, settings.lease_seconds)
+    if not lease.acquire():  # a live copy runs it, or a dead worker's lease has yet to expire
+        raise task.retry(countdown=settings.lease_seconds, max_retries=None)
+    try:
+        deliveries = store.count_delivery(job_id)
+        if deliveries > 1:
+            metrics.REDELIVERIES.labels(job.kind).inc()
+        if deliveries > settings.max_deliveries:
+            finish(job, "failed", error={"code": "redelivery_limit", "message": (
+                f"delivered {deliveries} times: its worker died each time (out of memory?); not retried again"
+            )})  # fmt: skip
+            return
+        if store.cancel_requested(job_id):
+            finish(job, "canceled")
+            return
+        started_at = job.started_at or now()
+        if store.transition(job_id, ("queued", "running"), "running", started_at=started_at) is None:
+            return
+        if job.started_at is None:
+            metrics.QUEUE_TIME.labels(job.kind, job.model).observe(started_at - job.created_at)
+        job = store.get(job_id) or job
+        run(job, work, cancel_error, settings)
+    finally:
+        lease.release()
+
+
+def run(job: Job, work: Callable[[Job, Any], dict[str, Any]], cancel_error: type[Exception], settings: Any) -> None:
+    in_progress = metrics.JOBS_IN_PROGRESS.labels(job.kind)
+    in_progress.inc()
+    try:
+        result = work(job, settings, reporter(job, cancel_error))
+    except cancel_error:
+        finish(job, "canceled")
+    except SoftTimeLimitExceeded:
+        finish(job, "failed", error={"code": "timeout", "message": "the job ran past its soft time limit"})
+    except (ValueError, FileNotFoundError) as error:  # what the core raises for requests it cannot run
+        finish(job, "failed", error={"code": "invalid_request", "message": str(error)})
+    except Exception as error:
+        log.exception("job %s failed", job.id)
+        finish(job, "failed", error={"code": "internal", "message": f"{type(error).__name__}: {error}"})
+    else:
+        finish(job, "succeeded", result=result)
+    finally:
+        in_progress.dec()
+
+
+@celery.task(name="harmonica.generate", bind=True, base=JobTask)
+def generate_task(self: Task, job_id: str) -> None:
+    from harmonica_core.sampling import GenerationCancelled
+
+    from .runner import run_generation
+
+    execute(self, job_id, run_generation, GenerationCancelled)
+
+
+@celery.task(name="harmonica.train_router", bind=True, base=JobTask)
+def train_router_task(self: Task, job_id: str) -> None:
+    from harmonica_core.training import TrainingCancelled
+
+    from .runner import run_training
+
+    execute(self, job_id, run_training, TrainingCancelled)
