@@ -97,6 +97,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.service = service
     collector = QueueCollector(service)
     REGISTRY.register(collector)
+    metrics.precreate_gateway_series(service.settings.model_names)
     if not service.keys:
         log.warning("no API keys configured (HARMONICA_API_KEYS): every job endpoint is open to anyone")
     try:

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from harmonica_core.catalog import OBJECTIVES
+from harmonica_core.schedules import METHODS
+
 # Image jobs take sub-second (digits on a CPU) to minutes (PixArt 1024 px); training takes hours.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1800, 3600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-SPEEDUP_BUCKETS = (1, 1.1, 1.25, 1.5, 1.75, 2, 2.25, 2.5, 3, 3.5, 4, 5, 6, 8)
+# 0.999 below 1: an all-compute plan (exactly 1) then reads as 1 in histogram_quantile, not 0.5.
+SPEEDUP_BUCKETS = (0.999, 1, 1.1, 1.25, 1.5, 1.75, 2, 2.25, 2.5, 3, 3.5, 4, 5, 6, 8)
 
 # Gateway
 JOBS_SUBMITTED = Counter("harmonica_jobs_submitted_total", "Jobs accepted by the gateway", ["kind", "model"])
@@ -69,3 +73,39 @@ TRAIN_TIME = Histogram(
     "harmonica_router_training_seconds", "Duration of a finished router training", ["model", "objective"],
     buckets=LATENCY_BUCKETS,
 )  # fmt: skip
+
+KINDS = ("generate", "train_router")
+STATUSES = ("succeeded", "failed", "canceled")
+
+
+def precreate_gateway_series(models: list[str]) -> None:
+    """Create label sets at zero, so `rate()` counts a process's first event and panels start at 0."""
+    for kind in KINDS:
+        for model in models:
+            JOBS_SUBMITTED.labels(kind, model)
+            for status in STATUSES:
+                JOBS_COMPLETED.labels(kind, model, status)
+    for reason in ("queue_full", "invalid", "unauthorized", "too_large"):
+        JOBS_REJECTED.labels(reason)
+
+
+def precreate_worker_series(models: list[str]) -> None:
+    for kind in KINDS:
+        JOBS_IN_PROGRESS.labels(kind)
+        REDELIVERIES.labels(kind)
+        for model in models:
+            for histogram in (QUEUE_TIME, INFERENCE_TIME, E2E_LATENCY):
+                histogram.labels(kind, model)
+            for status in STATUSES:
+                JOBS_COMPLETED.labels(kind, model, status)
+    for model in models:
+        IMAGES_GENERATED.labels(model)
+        MODEL_LOAD_TIME.labels(model)
+        for method in METHODS:
+            STEP_TIME.labels(model, method)
+            THEORETICAL_SPEEDUP.labels(model, method)
+            for outcome in ("computed", "reused"):
+                BRANCH_EVALUATIONS.labels(model, method, outcome)
+        for objective in OBJECTIVES:
+            TRAIN_ITERATIONS.labels(model, objective)
+            TRAIN_TIME.labels(model, objective)

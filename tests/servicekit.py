@@ -129,10 +129,20 @@ class Worker:
             self.process.wait(timeout=10)
 
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+def wait_until(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1,
+    processes: tuple[subprocess.Popen, ...] = (),
+) -> Any:  # fmt: skip
+    """condition()'s first truthy value (a refused connection counts as not yet); fails at the timeout,
+    or at once if one of `processes` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = condition()
+        for process in processes:
+            assert process.poll() is None, f"{process.args[:4]} exited ({process.returncode}) waiting for {what}"
+        try:
+            value = condition()
+        except OSError:
+            value = None
         if value:
             return value
         time.sleep(interval)

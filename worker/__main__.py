@@ -39,9 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker: invalid settings: {error}", file=sys.stderr)
         return 2
     multiproc = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if multiproc:
-        shutil.rmtree(multiproc, ignore_errors=True)
-        Path(multiproc).mkdir(parents=True)
+    if multiproc:  # may be a mount point (a tmpfs): empty it rather than replace it
+        Path(multiproc).mkdir(parents=True, exist_ok=True)
+        for stale in Path(multiproc).iterdir():
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="harmonica-metrics-")
     os.environ["HARMONICA_WORKER_METRICS_PORT"] = str(args.metrics_port)

@@ -65,8 +65,11 @@ def _stop_heartbeat(sender, **_: object) -> None:  # type: ignore[no-untyped-def
 @worker_process_init.connect
 def _preload(**_: object) -> None:
     """Load the served models in each pool child before its first job, so jobs never pay for it."""
+    from app.metrics import precreate_worker_series
+
     from .runner import get_model
 
+    precreate_worker_series(settings.model_names)
     for name in settings.model_names[: settings.max_models_per_worker]:
         try:
             get_model(name, settings)

@@ -1,0 +1,83 @@
+"""At-least-once delivery with real kills: a job whose worker dies ends in one final state, once."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from tests.servicekit import BASE_ENV, Worker, environment, finished, poll_job, redis_database
+
+JOB = {"class_labels": list(range(10)), "num_images": 1, "steps": 50}  # ~5 s on a 2-core CPU
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("delivery")
+    with redis_database(tmp) as url:
+        env = {**BASE_ENV, "REDIS_URL": url, "HARMONICA_ARTIFACTS_DIR": str(tmp / "artifacts")}
+        with environment(env):
+            from app.main import app
+
+            with TestClient(app) as client:
+                yield client, env, redis.Redis.from_url(url), tmp / "artifacts"
+
+
+def start_mid_job(client: TestClient) -> str:
+    job_id = client.post("/generate", json=JOB).json()["id"]
+    job = poll_job(client, job_id, lambda j: finished(j) or j["progress"].get("step", 0) > 0)
+    assert job["status"] == "running", job
+    return job_id
+
+
+def test_pool_child_killed_mid_job_is_redelivered_and_succeeds_once(stack):
+    client, env, db, artifacts = stack
+    worker = Worker(env).start(db)
+    try:
+        job_id = start_mid_job(client)
+        os.kill(worker.children()[0].pid, signal.SIGKILL)
+        job = poll_job(client, job_id, finished)
+        assert job["status"] == "succeeded", job["error"]
+        assert job["deliveries"] == 2
+        files = sorted(p.name for p in (artifacts / "jobs" / job_id).iterdir())
+        assert files == [f"{n:03d}.png" for n in range(10)]  # one set, no half-written leftovers
+        assert len(job["links"]["images"]) == 10
+    finally:
+        worker.stop()
+
+
+def test_whole_worker_killed_mid_job_finishes_on_the_next_worker(stack):
+    client, env, db, _ = stack
+    first = Worker(env).start(db)
+    try:
+        job_id = start_mid_job(client)
+    finally:
+        first.kill()  # SIGKILL to parent and child: no chance to hand the job back
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "running"
+    # The job's message is unacked on the broker; a worker returns it after the visibility timeout.
+    limits = {"VISIBILITY_TIMEOUT": 25, "GEN_SOFT_TIME_LIMIT": 20, "GEN_TIME_LIMIT": 22, "TRAIN_SOFT_TIME_LIMIT": 20,
+              "TRAIN_TIME_LIMIT": 22}  # fmt: skip
+    short = {**env, **{f"HARMONICA_{name}": str(value) for name, value in limits.items()}}
+    second = Worker(short).start(db)
+    try:
+        job = poll_job(client, job_id, finished, timeout=90)
+        assert job["status"] == "succeeded", job["error"]
+        assert job["deliveries"] == 2
+    finally:
+        second.stop()
+
+
+def test_a_job_that_keeps_killing_its_worker_fails_instead_of_looping(stack):
+    client, env, db, _ = stack
+    worker = Worker({**env, "HARMONICA_MAX_DELIVERIES": "1"}).start(db)
+    try:
+        job_id = start_mid_job(client)
+        os.kill(worker.children()[0].pid, signal.SIGKILL)
+        job = poll_job(client, job_id, finished)
+        assert job["status"] == "failed" and job["error"]["code"] == "redelivery_limit"
+        assert "delivered 2 times" in job["error"]["message"]
+    finally:
+        worker.stop()
