@@ -27,6 +27,7 @@ from . import metrics
 from .admission import Rejected, admit_generate, admit_training
 from .jobs import FINAL_STATES, Job, JobStore, new_job_id, now
 from .keys import identify, load_keys
+from .logs import configure_logging
 from .queue import QUEUES, TASKS, make_celery
 from .registry import RouterRegistry
 from .schemas import GenerateRequest, JobOut, JobPage, Links, ModelOut, Problem, RouterOut, TrainRouterRequest
@@ -93,6 +94,7 @@ class QueueCollector:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    configure_logging()
     service = Service(get_settings())
     app.state.service = service
     collector = QueueCollector(service)
@@ -216,6 +218,7 @@ def submit(service: Service, kind: str, who: str, request: dict[str, Any], idemp
         service.store.transition(job.id, ("queued",), "failed", error={"code": "internal", "message": str(error)})
         raise ApiError(503, "Queue unavailable", "could not enqueue the job; retry shortly") from error
     metrics.JOBS_SUBMITTED.labels(kind, job.model).inc()
+    log.info("job %s accepted", job.id, extra={"job_id": job.id, "kind": kind, "model": job.model, "owner": who})
     return accepted(job, response)
 
 

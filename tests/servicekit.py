@@ -78,6 +78,20 @@ def environment(values: dict[str, str]) -> Iterator[None]:
         get_settings.cache_clear()
 
 
+@contextmanager
+def running_gateway(
+    tmp: Path, headers: dict[str, str] | None = None, **settings: str
+) -> Iterator[tuple[TestClient, dict[str, str], redis.Redis]]:
+    """A test database, the service settings in the environment, and the gateway in-process."""
+    with redis_database(tmp) as url:
+        env = {**BASE_ENV, "REDIS_URL": url, "HARMONICA_ARTIFACTS_DIR": str(tmp / "artifacts"), **settings}
+        with environment(env):
+            from app.main import app
+
+            with TestClient(app, headers=headers) as client:
+                yield client, env, redis.Redis.from_url(url)
+
+
 class Worker:
     """`python -m worker` as a real process group (Celery parent + prefork child)."""
 

@@ -6,10 +6,9 @@ import os
 import signal
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
-from tests.servicekit import BASE_ENV, Worker, environment, finished, poll_job, redis_database
+from tests.servicekit import Worker, finished, poll_job, running_gateway
 
 JOB = {"class_labels": list(range(10)), "num_images": 1, "steps": 50}  # ~5 s on a 2-core CPU
 
@@ -17,13 +16,8 @@ JOB = {"class_labels": list(range(10)), "num_images": 1, "steps": 50}  # ~5 s on
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("delivery")
-    with redis_database(tmp) as url:
-        env = {**BASE_ENV, "REDIS_URL": url, "HARMONICA_ARTIFACTS_DIR": str(tmp / "artifacts")}
-        with environment(env):
-            from app.main import app
-
-            with TestClient(app) as client:
-                yield client, env, redis.Redis.from_url(url), tmp / "artifacts"
+    with running_gateway(tmp) as (client, env, db):
+        yield client, env, db, tmp / "artifacts"
 
 
 def start_mid_job(client: TestClient) -> str:

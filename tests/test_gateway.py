@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from app.keys import digest
-from tests.servicekit import BASE_ENV, environment, redis_database
+from tests.servicekit import running_gateway
 
 KEY = "hk_test-key"
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gateway")
-    with redis_database(tmp) as url:
-        env = {**BASE_ENV, "REDIS_URL": url, "HARMONICA_ARTIFACTS_DIR": str(tmp / "artifacts"),
-               "HARMONICA_API_KEYS": f"alice:{digest(KEY)},bob:{digest('hk_bob')}", "HARMONICA_MAX_QUEUE_DEPTH": "3",
-               "HARMONICA_MAX_IMAGES_PER_JOB": "12"}  # fmt: skip
-        with environment(env):
-            from app.main import app
-
-            with TestClient(app, headers={"Authorization": f"Bearer {KEY}"}) as client:
-                yield client
+    settings = {"HARMONICA_API_KEYS": f"alice:{digest(KEY)},bob:{digest('hk_bob')}",
+                "HARMONICA_MAX_QUEUE_DEPTH": "3", "HARMONICA_MAX_IMAGES_PER_JOB": "12"}  # fmt: skip
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with running_gateway(tmp_path_factory.mktemp("gateway"), headers, **settings) as (client, _, _):
+        yield client
 
 
 def assert_problem(response, status: int, *words: str) -> dict:

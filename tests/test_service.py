@@ -5,29 +5,21 @@ from __future__ import annotations
 import io
 
 import pytest
-import redis
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.servicekit import BASE_ENV, Worker, environment, finished, metric_value, poll_job, redis_database
+from tests.servicekit import Worker, finished, metric_value, poll_job, running_gateway
 
 LONG = {"class_labels": list(range(10)), "num_images": 6, "steps": 900}  # several seconds on a CPU
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("service")
-    with redis_database(tmp) as url:
-        env = {**BASE_ENV, "REDIS_URL": url, "HARMONICA_ARTIFACTS_DIR": str(tmp / "artifacts")}
-        with environment(env):
-            worker = Worker(env).start(redis.Redis.from_url(url))
-            try:
-                from app.main import app
-
-                with TestClient(app) as client:
-                    yield client, worker
-            finally:
-                worker.stop()
+    with running_gateway(tmp_path_factory.mktemp("service")) as (client, env, db):
+        worker = Worker(env).start(db)
+        try:
+            yield client, worker
+        finally:
+            worker.stop()
 
 
 def test_generate_end_to_end_with_images_summary_and_cache_metrics(service):

@@ -14,9 +14,16 @@ import socket
 import threading
 
 import redis
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.signals import (
+    setup_logging,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from app.jobs import JobStore
+from app.logs import configure_logging
 from app.queue import make_celery
 from app.settings import get_settings
 
@@ -37,6 +44,12 @@ def _heartbeat(name: str, queues: list[str]) -> None:
             log.warning("heartbeat failed: %s", error)
         if _stop.wait(interval):
             return
+
+
+@setup_logging.connect
+def _logging(loglevel: str | int | None = None, **_: object) -> None:
+    """JSON lines instead of Celery's own format (connecting this signal replaces Celery's setup)."""
+    configure_logging(loglevel)
 
 
 @worker_ready.connect

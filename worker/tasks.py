@@ -87,6 +87,8 @@ def finish(job: Job, status: str, **fields: Any) -> None:
     if store.transition(job.id, ("queued", "running"), status, **fields) not in ("queued", "running"):
         return
     metrics.JOBS_COMPLETED.labels(job.kind, job.model, status).inc()
+    log.info("job %s %s", job.id, status, extra={"job_id": job.id, "kind": job.kind, "model": job.model,
+                                                 "status": status, "error": fields.get("error")})  # fmt: skip
     record = store.get(job.id)
     if record is not None and record.finished_at is not None:
         metrics.E2E_LATENCY.labels(job.kind, job.model).observe(record.finished_at - record.created_at)
