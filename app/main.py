@@ -182,9 +182,11 @@ Owner = Annotated[str, Depends(owner)]
 
 def job_out(job: Job) -> JobOut:
     base = f"/jobs/{job.id}"
-    images = [f"{base}/images/{n}" for n in range(len((job.result or {}).get("images", [])))]
-    router_id = (job.result or {}).get("router_id")
-    links = Links(self=base, cancel=base, images=images, router=f"/routers/{router_id}" if router_id else None)
+    result = job.result or {}
+    images = [f"{base}/images/{n}" for n in range(len(result.get("images", [])))]
+    router = f"/routers/{result['router_id']}" if "router_id" in result else None
+    grid = f"{base}/grid" if "grid" in result else None
+    links = Links(self=base, cancel=base, images=images, grid=grid, router=router)
     return JobOut(**{k: v for k, v in job.__dict__.items() if k != "owner"}, links=links)
 
 
@@ -308,21 +310,29 @@ def cancel_job(job_id: str, service: ServiceDep, who: Owner) -> JobOut:
     return job_out(find_job(service, job_id, who))
 
 
-@app.get(
-    "/jobs/{job_id}/images/{n}",
-    response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}}, **JOB_RESPONSES},
-    tags=["jobs"],
-)
+PNG_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}}, **JOB_RESPONSES}
+
+
+def artifact(service: Service, job: Job, name: str | None, what: str) -> FileResponse:
+    if job.status != "succeeded" or name is None:
+        raise ApiError(404, "Image not found", f"job {job.id} is {job.status}; it has no {what}")
+    headers = {"Cache-Control": "private, max-age=86400, immutable"}
+    return FileResponse(service.settings.job_dir(job.id) / name, media_type="image/png", headers=headers)
+
+
+@app.get("/jobs/{job_id}/images/{n}", response_class=FileResponse, responses=PNG_RESPONSES, tags=["jobs"])
 def get_image(job_id: str, n: int, service: ServiceDep, who: Owner) -> FileResponse:
     """The n-th image (from 0) of a succeeded generation job, as PNG."""
     job = find_job(service, job_id, who)
-    images = (job.result or {}).get("images", []) if job.status == "succeeded" else []
-    if not 0 <= n < len(images):
-        raise ApiError(404, "Image not found", f"job {job.id} is {job.status} and has {len(images)} images")
-    path = service.settings.job_dir(job.id) / images[n]
-    headers = {"Cache-Control": "private, max-age=86400, immutable"}
-    return FileResponse(path, media_type="image/png", headers=headers)
+    images = (job.result or {}).get("images", [])
+    return artifact(service, job, images[n] if 0 <= n < len(images) else None, f"image {n}")
+
+
+@app.get("/jobs/{job_id}/grid", response_class=FileResponse, responses=PNG_RESPONSES, tags=["jobs"])
+def get_grid(job_id: str, service: ServiceDep, who: Owner) -> FileResponse:
+    """All images of a succeeded generation job on one labelled sheet (a column per label or prompt)."""
+    job = find_job(service, job_id, who)
+    return artifact(service, job, (job.result or {}).get("grid"), "grid")
 
 
 @app.get("/routers", response_model=list[RouterOut], tags=["routers"])

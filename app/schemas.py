@@ -85,6 +85,7 @@ class Links(BaseModel):
     self: str
     cancel: str
     images: list[str] = Field(default_factory=list, description="PNG of each image, once the job succeeded")
+    grid: str | None = Field(None, description="all images on one labelled PNG sheet, once the job succeeded")
     router: str | None = Field(None, description="the trained router, once a training job succeeded")
 
 

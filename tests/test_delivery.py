@@ -75,3 +75,17 @@ def test_a_job_that_keeps_killing_its_worker_fails_instead_of_looping(stack):
         assert "delivered 2 times" in job["error"]["message"]
     finally:
         worker.stop()
+
+
+def test_a_job_past_its_soft_time_limit_fails_with_timeout_and_the_worker_serves_on(stack):
+    client, env, db, _ = stack
+    worker = Worker({**env, "HARMONICA_GEN_SOFT_TIME_LIMIT": "1", "HARMONICA_GEN_TIME_LIMIT": "30"}).start(db)
+    try:
+        job = poll_job(client, client.post("/generate", json=JOB).json()["id"], finished)
+        assert job["status"] == "failed" and job["error"]["code"] == "timeout"
+        quick = poll_job(
+            client, client.post("/generate", json={"class_labels": [1], "steps": 5}).json()["id"], finished
+        )
+        assert quick["status"] == "succeeded"
+    finally:
+        worker.stop()

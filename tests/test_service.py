@@ -43,6 +43,8 @@ def test_generate_end_to_end_with_images_summary_and_cache_metrics(service):
         png = client.get(link)
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(png.content)).size == (8, 8)
+    sheet = client.get(job["links"]["grid"])
+    assert sheet.status_code == 200 and Image.open(io.BytesIO(sheet.content)).width >= 2 * 64
     after = worker.metrics()
     for outcome, count in (("computed", result["computed_branches"]), ("reused", result["reused_branches"])):
         labels = {"model": "digits", "method": "harmonica", "outcome": outcome}

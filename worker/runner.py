@@ -18,7 +18,7 @@ from app import metrics
 from app.jobs import Job
 from app.registry import RouterRegistry, trained_router_id
 from app.settings import Settings
-from harmonica_core.images import to_pil
+from harmonica_core.images import grid, to_pil
 from harmonica_core.models import Model, load_model
 from harmonica_core.router import load_router
 from harmonica_core.sampling import GenerationRequest, generate
@@ -77,6 +77,9 @@ def run_generation(job: Job, settings: Settings, report: Report) -> dict[str, An
     for index, image in enumerate(to_pil(result.images)):
         names.append(f"{index:03d}.png")
         _write_png(image, out / names[-1])
+    # One labelled sheet for people: a column per class label or prompt, tiles at least 64 px.
+    sheet = grid(result.images, result.labels, req["num_images"], scale=max(1, 64 // result.images.shape[-1]))
+    _write_png(sheet, out / "grid.png")
     stats = result.stats
     method = accel["method"]
     for seconds in stats.step_seconds:
@@ -85,7 +88,7 @@ def run_generation(job: Job, settings: Settings, report: Report) -> dict[str, An
     metrics.BRANCH_EVALUATIONS.labels(job.model, method, "reused").inc(stats.reused)
     metrics.THEORETICAL_SPEEDUP.labels(job.model, method).observe(stats.theoretical_speedup)
     metrics.IMAGES_GENERATED.labels(job.model).inc(len(names))
-    return {"images": names, "captions": result.labels, "method": method, **stats.as_dict()}
+    return {"images": names, "grid": "grid.png", "captions": result.labels, "method": method, **stats.as_dict()}
 
 
 def run_training(job: Job, settings: Settings, report: Report) -> dict[str, Any]:

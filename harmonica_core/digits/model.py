@@ -56,7 +56,11 @@ def load_digits(weights: Path = WEIGHTS_DIR):
         raise ModelNotFoundError(
             f"the digits weights are missing from {weights}; rebuild them with `harmonica digits train`"
         )
-    transformer = DiTTransformer2DModel.from_pretrained(weights / "transformer", torch_dtype=torch.float32)
+    transformer = DiTTransformer2DModel.from_pretrained(
+        weights / "transformer",
+        torch_dtype=torch.float32,
+        low_cpu_mem_usage=False,  # 9 MB: no need for accelerate
+    )
     scheduler = DDIMScheduler.from_pretrained(weights / "scheduler")
     return Model("digits", "dit", transformer, scheduler, labels={i: str(i) for i in range(NUM_CLASSES)})
 
