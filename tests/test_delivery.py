@@ -37,7 +37,7 @@ def test_pool_child_killed_mid_job_is_redelivered_and_succeeds_once(stack):
         assert job["status"] == "succeeded", job["error"]
         assert job["deliveries"] == 2
         files = sorted(p.name for p in (artifacts / "jobs" / job_id).iterdir())
-        assert files == [f"{n:03d}.png" for n in range(10)]  # one set, no half-written leftovers
+        assert files == [f"{n:03d}.png" for n in range(10)] + ["grid.png"]  # one set, no half-written leftovers
         assert len(job["links"]["images"]) == 10
     finally:
         worker.stop()
