@@ -35,8 +35,9 @@ from .settings import Settings, get_settings
 
 log = logging.getLogger("harmonica.gateway")
 PROBLEM = "application/problem+json"
+PROBLEM_SCHEMA = {"$ref": "#/components/schemas/Problem"}
 JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "description": text}
+    code: {"model": Problem, "description": text, "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}}}
     for code, text in {
         401: "missing or unknown API key",
         404: "no such job (or not yours)",
@@ -148,7 +149,8 @@ async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-    return problem(error.status_code, str(error.detail), f"{error.detail}: see /docs for the API")
+    detail = f"{error.detail}: see /docs for the API"
+    return problem(error.status_code, str(error.detail), detail, dict(error.headers or {}))  # keeps 405's Allow
 
 
 @app.exception_handler(redis.RedisError)
@@ -368,7 +370,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@app.get("/readyz", tags=["operations"], responses={503: {"model": Problem}})
+@app.get("/readyz", tags=["operations"], responses={503: JOB_RESPONSES[503]})
 def readyz(service: ServiceDep) -> Any:
     """Redis answers and at least one worker is alive (per its heartbeat)."""
     try:

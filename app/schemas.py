@@ -20,7 +20,7 @@ JobKind = Literal["generate", "train_router"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no true -> 1, no "5" -> 5
 
 
 class Acceleration(Strict):
