@@ -104,6 +104,18 @@ def test_cancel_a_queued_and_a_running_job(service):
     assert client.delete(f"/jobs/{later}").status_code == 409  # already succeeded
 
 
+def test_cancel_a_running_training_between_router_updates(service):
+    client, _ = service
+    body = {"steps": 6, "iterations": 5000, "batch_size": 2, "eval_samples": 4}
+    job_id = client.post("/train-router", json=body).json()["id"]
+    running = poll_job(client, job_id, lambda j: finished(j) or j["progress"].get("iteration", 0) > 0)
+    assert running["status"] == "running"
+    client.delete(f"/jobs/{job_id}")
+    stopped = poll_job(client, job_id, finished)
+    assert stopped["status"] == "canceled" and stopped["progress"]["iteration"] < 5000
+    assert stopped["result"] is None
+
+
 def test_readiness_health_and_listing(service):
     client, _ = service
     assert client.get("/healthz").json() == {"status": "ok"}
