@@ -318,8 +318,12 @@ PNG_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png":
 def artifact(service: Service, job: Job, name: str | None, what: str) -> FileResponse:
     if job.status != "succeeded" or name is None:
         raise ApiError(404, "Image not found", f"job {job.id} is {job.status}; it has no {what}")
+    path = service.settings.job_dir(job.id) / name
+    if not path.is_file():
+        raise ApiError(404, "Image not found", f"{what} of job {job.id} is missing from the artifact store; "
+                       "the gateway and the workers must share HARMONICA_ARTIFACTS_DIR")  # fmt: skip
     headers = {"Cache-Control": "private, max-age=86400, immutable"}
-    return FileResponse(service.settings.job_dir(job.id) / name, media_type="image/png", headers=headers)
+    return FileResponse(path, media_type="image/png", headers=headers)
 
 
 @app.get("/jobs/{job_id}/images/{n}", response_class=FileResponse, responses=PNG_RESPONSES, tags=["jobs"])

@@ -6,6 +6,7 @@ scheduler, steps, training config, measured quality) is read from the file heade
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 from harmonica_core.catalog import builtin_routers, read_router_metadata
 
+log = logging.getLogger("harmonica.registry")
 ROUTER_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,95}$")
 
 
@@ -83,7 +85,13 @@ class RouterRegistry:
         if not ROUTER_ID.match(router_id):
             return None
         path = self.path_for(router_id)
-        return RouterEntry(router_id, path, False, read_router_metadata(path)) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return RouterEntry(router_id, path, False, read_router_metadata(path))
+        except (OSError, ValueError) as error:  # a damaged or foreign file must not break the listing
+            log.warning("skipping router file %s: %s", path, error)
+            return None
 
     def all(self) -> list[RouterEntry]:
         entries = [self.get(router_id) for router_id in self._builtin()]

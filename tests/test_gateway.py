@@ -116,3 +116,14 @@ def test_models_routers_and_openapi(gateway):
     schema = gateway.get("/openapi.json").json()
     fields = schema["components"]["schemas"]["GenerateRequest"]["properties"]
     assert all(field.get("description") for name, field in fields.items()), "every request field is documented"
+
+
+def test_a_damaged_router_file_is_skipped_not_a_server_error(gateway):
+    from app.settings import get_settings
+
+    routers = get_settings().routers_dir
+    routers.mkdir(parents=True, exist_ok=True)
+    (routers / "broken-1.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    listing = gateway.get("/routers")
+    assert listing.status_code == 200 and "broken-1" not in {r["id"] for r in listing.json()}
+    assert_problem(gateway.get("/routers/broken-1"), 404)
