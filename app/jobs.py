@@ -22,14 +22,18 @@ KINDS = ("generate", "train_router")
 JSON_FIELDS = ("request", "progress", "result", "error")
 
 # KEYS[1] job hash; ARGV[1] allowed current states (comma-separated), ARGV[2] new state,
-# ARGV[3] TTL in seconds once final (0: none), ARGV[4..] field/value pairs. Returns the state found.
+# ARGV[3] TTL in seconds once final (0: not final), ARGV[4] prefix of the owners' active-job sets,
+# ARGV[5..] field/value pairs. Returns the state found.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return false end
 for state in string.gmatch(ARGV[1], '[^,]+') do
   if state == current then
-    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 4))
-    if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 5))
+    if tonumber(ARGV[3]) > 0 then
+      redis.call('EXPIRE', KEYS[1], ARGV[3])
+      redis.call('SREM', ARGV[4] .. redis.call('HGET', KEYS[1], 'owner'), redis.call('HGET', KEYS[1], 'id'))
+    end
     return current
   end
 end
@@ -124,11 +128,19 @@ class JobStore:
     def _index(self, owner: str) -> str:
         return f"{self.prefix}jobs:{owner}"
 
+    def _active(self, owner: str = "") -> str:
+        return f"{self.prefix}active:{owner}"
+
     def create(self, job: Job) -> None:
         pipe = self.redis.pipeline()
         pipe.hset(self._key(job.id), mapping=_encode(job.__dict__))
         pipe.zadd(self._index(job.owner), {job.id: job.created_at})
+        pipe.sadd(self._active(job.owner), job.id)
         pipe.execute()
+
+    def active(self, owner: str) -> int:
+        """How many of the owner's jobs are queued or running."""
+        return int(self.redis.scard(self._active(owner)))
 
     def get(self, job_id: str) -> Job | None:
         data = self.redis.hgetall(self._key(job_id))
@@ -156,12 +168,13 @@ class JobStore:
         ttl = self.ttl if status in FINAL_STATES else 0
         if status in FINAL_STATES:
             fields.setdefault("finished_at", now())
-        found = self._transition(keys=[self._key(job_id)], args=[",".join(allowed), status, ttl, *_flatten(fields)])
+        args = [",".join(allowed), status, ttl, self._active(), *_flatten(fields)]
+        found = self._transition(keys=[self._key(job_id)], args=args)
         return found.decode() if found else None
 
     def update(self, job_id: str, **fields: Any) -> None:
         """Set fields of a job that is not final (progress); a no-op once it is."""
-        self._transition(keys=[self._key(job_id)], args=["running", "running", 0, *_flatten(fields)])
+        self._transition(keys=[self._key(job_id)], args=["running", "running", 0, "", *_flatten(fields)])
 
     def request_cancel(self, job_id: str) -> str | None:
         """Cancel a queued job at once; flag a running one (its worker stops at the next step). Returns the state."""

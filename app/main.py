@@ -44,7 +44,7 @@ JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "conflict with the job's state or an idempotency key",
         413: "request body too large",
         422: "invalid request; `errors` names the fields",
-        429: "queue full; retry after the Retry-After seconds",
+        429: "queue full, or too many active jobs for this key; retry after Retry-After seconds",
         503: "Redis unreachable",
     }.items()
 }
@@ -209,12 +209,17 @@ def submit(service: Service, kind: str, who: str, request: dict[str, Any], idemp
                 raise ApiError(409, "Request in progress", "the first request with this key is still being accepted; "
                                "retry shortly", {"Retry-After": "1"})  # fmt: skip
             return accepted(existing, response)
-    if service.redis.llen(queue) >= service.settings.max_queue_depth:
+    limits = service.settings
+    refusal = None
+    if service.store.active(who) >= limits.max_active_jobs_per_key:
+        refusal = "key_busy", f"you have {limits.max_active_jobs_per_key} jobs queued or running; wait for one to end"
+    elif service.redis.llen(queue) >= limits.max_queue_depth:
+        refusal = "queue_full", f"the {queue} queue holds {limits.max_queue_depth} jobs; retry later"
+    if refusal is not None:
         if idempotency_key is not None:
             service.store.release_idempotency_key(who, f"{kind}:{idempotency_key}")
-        metrics.JOBS_REJECTED.labels("queue_full").inc()
-        raise ApiError(429, "Queue full", f"{queue} queue holds {service.settings.max_queue_depth} jobs; retry later",
-                       {"Retry-After": "10"})  # fmt: skip
+        metrics.JOBS_REJECTED.labels(refusal[0]).inc()
+        raise ApiError(429, "Too many jobs", refusal[1], {"Retry-After": "10"})
     service.store.create(job)
     try:
         service.celery.send_task(TASKS[kind], args=[job.id], task_id=job.id, queue=queue)

@@ -26,7 +26,9 @@ SPEEDUP_BUCKETS = (0.999, 1, 1.1, 1.25, 1.5, 1.75, 2, 2.25, 2.5, 3, 3.5, 4, 5, 6
 # Gateway
 JOBS_SUBMITTED = Counter("harmonica_jobs_submitted_total", "Jobs accepted by the gateway", ["kind", "model"])
 JOBS_REJECTED = Counter(
-    "harmonica_jobs_rejected_total", "Job submissions refused (queue_full, invalid, unauthorized)", ["reason"]
+    "harmonica_jobs_rejected_total",
+    "Job submissions refused (queue_full, key_busy, invalid, unauthorized, too_large)",
+    ["reason"],
 )
 
 # Gateway (jobs canceled while queued) and workers (everything else)
@@ -85,7 +87,7 @@ def precreate_gateway_series(models: list[str]) -> None:
             JOBS_SUBMITTED.labels(kind, model)
             for status in STATUSES:
                 JOBS_COMPLETED.labels(kind, model, status)
-    for reason in ("queue_full", "invalid", "unauthorized", "too_large"):
+    for reason in ("queue_full", "key_busy", "invalid", "unauthorized", "too_large"):
         JOBS_REJECTED.labels(reason)
 
 

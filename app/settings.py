@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(1000, ge=1)
     max_body_bytes: int = Field(65536, ge=1024)
     max_queue_depth: int = Field(100, ge=1, description="queued jobs per queue before POSTs get 429")
+    max_active_jobs_per_key: int = Field(20, ge=1, description="queued or running jobs one API key may have")
     max_train_iterations: int = Field(20000, ge=1)
     max_train_batch_size: int = Field(64, ge=1)
     max_eval_samples: int = Field(500, ge=1)

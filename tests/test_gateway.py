@@ -13,7 +13,8 @@ KEY = "hk_test-key"
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     settings = {"HARMONICA_API_KEYS": f"alice:{digest(KEY)},bob:{digest('hk_bob')}",
-                "HARMONICA_MAX_QUEUE_DEPTH": "3", "HARMONICA_MAX_IMAGES_PER_JOB": "12"}  # fmt: skip
+                "HARMONICA_MAX_QUEUE_DEPTH": "3", "HARMONICA_MAX_ACTIVE_JOBS_PER_KEY": "2",
+                "HARMONICA_MAX_IMAGES_PER_JOB": "12"}  # fmt: skip
     headers = {"Authorization": f"Bearer {KEY}"}
     with running_gateway(tmp_path_factory.mktemp("gateway"), headers, **settings) as (client, _, _):
         yield client
@@ -93,16 +94,18 @@ def test_idempotency_key_replays_the_job_and_refuses_another_body(gateway):
         assert gateway.delete(f"/jobs/{job['id']}").json()["status"] == "canceled"
 
 
-def test_full_queue_is_429_and_large_bodies_413(gateway):
-    accepted = []
-    while True:  # no worker consumes here, so the gen queue fills up to its limit of 3
-        response = gateway.post("/generate", json={"class_labels": [0]})
-        if response.status_code != 202:
-            break
-        accepted.append(response.json()["id"])
-    assert_problem(response, 429, "queue")
-    assert response.headers["retry-after"]
-    assert len(accepted) <= 3
+def test_busy_key_and_full_queue_are_429_and_large_bodies_413(gateway):
+    # No worker consumes here, so queued messages stay in the train queue (depth limit 3).
+    bob = {"Authorization": "Bearer hk_bob"}
+    body = {"steps": 4, "iterations": 1}
+    first, _ = (gateway.post("/train-router", json=body).json()["id"] for _ in range(2))
+    busy = assert_problem(gateway.post("/train-router", json=body), 429, "2 jobs queued or running")
+    assert busy["title"] == "Too many jobs"
+    gateway.delete(f"/jobs/{first}")  # an ended job frees its key's slot (its message stays queued)
+    assert gateway.post("/train-router", json=body).status_code == 202
+    full = gateway.post("/train-router", json=body, headers=bob)
+    assert_problem(full, 429, "train queue holds 3")
+    assert full.headers["retry-after"]
     huge = {"class_labels": [1], "padding": "x" * 70000}
     assert_problem(gateway.post("/generate", json=huge), 413, "65536")
 
