@@ -249,7 +249,11 @@ def fingerprint(body: GenerateRequest | TrainRouterRequest) -> str:
 
 IdempotencyKey = Annotated[
     str | None,
-    Header(max_length=200, description="optional; the same key and body returns the same job (24 h at least)"),
+    Header(
+        max_length=200,
+        description="optional; the same key and body return the same job while job records are "
+        "kept (HARMONICA_JOB_TTL_SECONDS, 7 days); the same key with another body is a 422",
+    ),
 ]
 
 
