@@ -98,13 +98,10 @@ def run_training(job: Job, settings: Settings, report: Report) -> dict[str, Any]
     model = get_model(job.model, settings)
     work = settings.job_dir(job.id)
     work.mkdir(parents=True, exist_ok=True)
-    done = 0
 
-    def progress(p: TrainProgress) -> None:
-        nonlocal done
-        metrics.TRAIN_ITERATIONS.labels(job.model, config.objective).inc(p.iteration - done)
+    def progress(p: TrainProgress) -> None:  # called once per router update, also after a resume
+        metrics.TRAIN_ITERATIONS.labels(job.model, config.objective).inc()
         metrics.TRAIN_LOSS.labels(job.model, config.objective).set(p.loss)
-        done = p.iteration
         report({"iteration": p.iteration, "total": p.total, "loss": p.loss, "cache_usage_rate": p.cache_usage_rate})
 
     start = time.perf_counter()
