@@ -27,6 +27,11 @@ def start_mid_job(client: TestClient) -> str:
     return job_id
 
 
+def serves_a_quick_job(client: TestClient) -> bool:
+    job_id = client.post("/generate", json={"class_labels": [1], "steps": 5}).json()["id"]
+    return poll_job(client, job_id, finished)["status"] == "succeeded"
+
+
 def test_pool_child_killed_mid_job_is_redelivered_and_succeeds_once(stack):
     client, env, db, artifacts = stack
     worker = Worker(env).start(db)
@@ -83,9 +88,21 @@ def test_a_job_past_its_soft_time_limit_fails_with_timeout_and_the_worker_serves
     try:
         job = poll_job(client, client.post("/generate", json=JOB).json()["id"], finished)
         assert job["status"] == "failed" and job["error"]["code"] == "timeout"
-        quick = poll_job(
-            client, client.post("/generate", json={"class_labels": [1], "steps": 5}).json()["id"], finished
-        )
-        assert quick["status"] == "succeeded"
+        assert serves_a_quick_job(client)
+    finally:
+        worker.stop()
+
+
+def test_a_job_hung_past_its_hard_time_limit_fails_and_the_worker_serves_on(stack):
+    client, env, db, _ = stack
+    limits = {"HARMONICA_GEN_SOFT_TIME_LIMIT": "3", "HARMONICA_GEN_TIME_LIMIT": "5"}
+    worker = Worker({**env, **limits}).start(db)
+    try:
+        job_id = start_mid_job(client)
+        os.kill(worker.children()[0].pid, signal.SIGSTOP)  # hung: not even the soft limit can run in it
+        job = poll_job(client, job_id, finished, timeout=60)
+        assert job["status"] == "failed" and job["error"]["code"] == "timeout"
+        assert "hard time limit" in job["error"]["message"]
+        assert serves_a_quick_job(client)
     finally:
         worker.stop()
