@@ -214,14 +214,25 @@ class JobStore:
     def release_lease(self, job_id: str, token: str) -> None:
         self._release(keys=[f"{self._key(job_id)}:lease"], args=[token])
 
-    # Worker heartbeats, read by /readyz and the workers gauge.
-    def heartbeat(self, worker: str, queues: list[str], seconds: float) -> None:
-        self.redis.set(f"{self.prefix}worker:{worker}", json.dumps({"queues": queues, "at": now()}), ex=int(seconds))
+    # Worker heartbeats, read by /readyz and the workers gauge. A heartbeat carries the models the
+    # worker's pool process has loaded, so readiness means "model resident", not just "process up".
+    def mark_loaded(self, worker: str, models: list[str]) -> None:
+        self.redis.set(f"{self.prefix}loaded:{worker}", json.dumps(models))
 
-    def workers(self) -> dict[str, list[str]]:
+    def heartbeat(self, worker: str, queues: list[str], seconds: float) -> None:
+        loaded = self.redis.get(f"{self.prefix}loaded:{worker}")
+        state = {"queues": queues, "models": json.loads(loaded) if loaded else [], "at": now()}
+        self.redis.set(f"{self.prefix}worker:{worker}", json.dumps(state), ex=int(seconds))
+
+    def forget_worker(self, worker: str) -> None:
+        self.redis.delete(f"{self.prefix}worker:{worker}", f"{self.prefix}loaded:{worker}")
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """Live workers by name: the queues they consume and the models they have loaded."""
         found = {}
         for key in self.redis.scan_iter(match=f"{self.prefix}worker:*", count=100):
             raw = self.redis.get(key)
             if raw:
-                found[key.decode().split(":worker:", 1)[1]] = json.loads(raw)["queues"]
+                state = json.loads(raw)
+                found[key.decode().split(":worker:", 1)[1]] = {"queues": state["queues"], "models": state["models"]}
         return found

@@ -86,7 +86,7 @@ class QueueCollector:
             alive = self.service.store.workers()
             for queue in QUEUES.values():
                 depth.add_metric([queue], self.service.redis.llen(queue))
-                workers.add_metric([queue], sum(queue in queues for queues in alive.values()))
+                workers.add_metric([queue], sum(queue in worker["queues"] for worker in alive.values()))
         except redis.RedisError:
             return
         yield depth
@@ -385,7 +385,7 @@ def healthz() -> dict[str, str]:
 
 @app.get("/readyz", tags=["operations"], responses={503: JOB_RESPONSES[503]})
 def readyz(service: ServiceDep) -> Any:
-    """Redis answers and at least one worker is alive (per its heartbeat)."""
+    """Redis answers and at least one worker is alive with a model loaded (per its heartbeat)."""
     try:
         service.redis.ping()
         workers = service.store.workers()
@@ -393,6 +393,8 @@ def readyz(service: ServiceDep) -> Any:
         return problem(503, "Not ready", f"Redis unreachable: {error}")
     if not workers:
         return problem(503, "Not ready", "no worker is alive; start one with `python -m worker`")
+    if not any(worker["models"] for worker in workers.values()):
+        return problem(503, "Not ready", "workers are up but still loading their models", {"Retry-After": "5"})
     return {"status": "ready", "workers": workers}
 
 

@@ -130,3 +130,14 @@ def test_a_damaged_router_file_is_skipped_not_a_server_error(gateway):
     listing = gateway.get("/routers")
     assert listing.status_code == 200 and "broken-1" not in {r["id"] for r in listing.json()}
     assert_problem(gateway.get("/routers/broken-1"), 404)
+
+
+def test_ready_only_once_a_worker_has_its_model_loaded(gateway):
+    store = gateway.app.state.service.store
+    assert_problem(gateway.get("/readyz"), 503, "no worker is alive")
+    store.heartbeat("w1@test", ["gen"], 10)
+    assert_problem(gateway.get("/readyz"), 503, "still loading")
+    store.mark_loaded("w1@test", ["digits"])
+    store.heartbeat("w1@test", ["gen"], 10)
+    assert gateway.get("/readyz").json()["workers"] == {"w1@test": {"queues": ["gen"], "models": ["digits"]}}
+    store.forget_worker("w1@test")

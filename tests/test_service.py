@@ -120,7 +120,8 @@ def test_readiness_health_and_listing(service):
     client, _ = service
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready["status"] == "ready" and any("gen" in queues for queues in ready["workers"].values())
+    assert ready["status"] == "ready" and any("gen" in w["queues"] for w in ready["workers"].values())
+    assert all(w["models"] == ["digits"] for w in ready["workers"].values())  # resident, not just started
     page = client.get("/jobs", params={"limit": 1}).json()
     assert len(page["jobs"]) == 1 and page["next"].startswith("/jobs?limit=1&cursor=")
     second = client.get(page["next"]).json()

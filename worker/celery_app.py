@@ -16,6 +16,7 @@ import threading
 import redis
 from celery.signals import (
     setup_logging,
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -52,6 +53,12 @@ def _logging(loglevel: str | int | None = None, **_: object) -> None:
     configure_logging(loglevel)
 
 
+@worker_init.connect
+def _name_for_children(sender, **_: object) -> None:  # type: ignore[no-untyped-def]
+    """Before the pool forks: children inherit the node name to report their loaded models under."""
+    os.environ["HARMONICA_WORKER_NAME"] = sender.hostname
+
+
 @worker_ready.connect
 def _start(sender, **_: object) -> None:  # type: ignore[no-untyped-def]
     """Metrics endpoint and heartbeat, in the parent once the pool is up."""
@@ -72,7 +79,7 @@ def _start(sender, **_: object) -> None:  # type: ignore[no-untyped-def]
 def _stop_heartbeat(sender, **_: object) -> None:  # type: ignore[no-untyped-def]
     _stop.set()
     with contextlib.suppress(redis.RedisError):
-        store.redis.delete(f"{settings.key_prefix}worker:{sender.hostname}")
+        store.forget_worker(sender.hostname)
 
 
 @worker_process_init.connect
@@ -83,11 +90,14 @@ def _preload(**_: object) -> None:
     from .runner import get_model
 
     precreate_worker_series(settings.model_names)
+    loaded = []
     for name in settings.model_names[: settings.max_models_per_worker]:
         try:
             get_model(name, settings)
+            loaded.append(name)
         except Exception as error:  # a job for it will fail with the reason; the worker still serves others
             log.warning("could not preload model %s: %s", name, error)
+    store.mark_loaded(os.environ.get("HARMONICA_WORKER_NAME", socket.gethostname()), loaded)
 
 
 @worker_process_shutdown.connect
