@@ -16,8 +16,7 @@ from typing import Any
 
 import redis
 
-STATES = ("queued", "running", "succeeded", "failed", "canceled")
-FINAL_STATES = frozenset({"succeeded", "failed", "canceled"})
+FINAL_STATES = ("succeeded", "failed", "canceled")
 KINDS = ("generate", "train_router")
 JSON_FIELDS = ("request", "progress", "result", "error")
 

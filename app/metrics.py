@@ -17,6 +17,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from harmonica_core.catalog import OBJECTIVES
 from harmonica_core.schedules import METHODS
 
+from .jobs import FINAL_STATES, KINDS
+
 # Image jobs take sub-second (digits on a CPU) to minutes (PixArt 1024 px); training takes hours.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1800, 3600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -76,16 +78,13 @@ TRAIN_TIME = Histogram(
     buckets=LATENCY_BUCKETS,
 )  # fmt: skip
 
-KINDS = ("generate", "train_router")
-STATUSES = ("succeeded", "failed", "canceled")
-
 
 def precreate_gateway_series(models: list[str]) -> None:
     """Create label sets at zero, so `rate()` counts a process's first event and panels start at 0."""
     for kind in KINDS:
         for model in models:
             JOBS_SUBMITTED.labels(kind, model)
-            for status in STATUSES:
+            for status in FINAL_STATES:
                 JOBS_COMPLETED.labels(kind, model, status)
     for reason in ("queue_full", "key_busy", "invalid", "unauthorized", "too_large"):
         JOBS_REJECTED.labels(reason)
@@ -98,7 +97,7 @@ def precreate_worker_series(models: list[str]) -> None:
         for model in models:
             for histogram in (QUEUE_TIME, INFERENCE_TIME, E2E_LATENCY):
                 histogram.labels(kind, model)
-            for status in STATUSES:
+            for status in FINAL_STATES:
                 JOBS_COMPLETED.labels(kind, model, status)
     for model in models:
         IMAGES_GENERATED.labels(model)

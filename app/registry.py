@@ -81,20 +81,22 @@ class RouterRegistry:
     def get(self, router_id: str) -> RouterEntry | None:
         builtin = self._builtin()
         if router_id in builtin:
-            return RouterEntry(router_id, builtin[router_id], True, read_router_metadata(builtin[router_id]))
+            return _entry(router_id, builtin[router_id], builtin=True)
         if not ROUTER_ID.match(router_id):
             return None
         path = self.path_for(router_id)
-        if not path.is_file():
-            return None
-        try:
-            return RouterEntry(router_id, path, False, read_router_metadata(path))
-        except (OSError, ValueError) as error:  # a damaged or foreign file must not break the listing
-            log.warning("skipping router file %s: %s", path, error)
-            return None
+        return _entry(router_id, path, builtin=False) if path.is_file() else None
 
     def all(self) -> list[RouterEntry]:
-        entries = [self.get(router_id) for router_id in self._builtin()]
+        paths = [(router_id, path, True) for router_id, path in self._builtin().items()]
         if self.routers_dir.is_dir():
-            entries += [self.get(path.stem) for path in sorted(self.routers_dir.glob("*.safetensors"))]
-        return [entry for entry in entries if entry is not None]
+            paths += [(path.stem, path, False) for path in sorted(self.routers_dir.glob("*.safetensors"))]
+        return [entry for entry in (_entry(*args) for args in paths) if entry is not None]
+
+
+def _entry(router_id: str, path: Path, builtin: bool) -> RouterEntry | None:
+    try:
+        return RouterEntry(router_id, path, builtin, read_router_metadata(path))
+    except (OSError, ValueError) as error:  # a damaged or foreign file must not break the listing
+        log.warning("skipping router file %s: %s", path, error)
+        return None

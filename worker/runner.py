@@ -10,9 +10,8 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app import metrics
 from app.jobs import Job
@@ -25,8 +24,10 @@ from harmonica_core.sampling import GenerationRequest, generate
 from harmonica_core.schedules import NEEDS_ROUTER, make_plan
 from harmonica_core.training import TrainConfig, TrainProgress, train_and_save
 
+if TYPE_CHECKING:
+    from .tasks import Report
+
 log = logging.getLogger("harmonica.worker")
-Report = Callable[[dict[str, Any]], None]  # progress -> job record; raises the core's *Cancelled to stop
 
 _models: OrderedDict[str, Model] = OrderedDict()
 

@@ -22,23 +22,22 @@ from celery import Task
 
 from app import metrics
 from app.jobs import Job, JobStore, now
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 
 from .celery_app import celery, store
 
 log = logging.getLogger("harmonica.worker")
 PROGRESS_INTERVAL = 0.2  # seconds between progress writes; cancellation is checked at every step
+Report = Callable[[dict[str, Any]], None]  # progress -> job record; raises the core's *Cancelled to stop
+Work = Callable[[Job, Settings, Report], dict[str, Any]]  # runner.run_generation / run_training
 
 
 class JobTask(Task):
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Runs in the worker's parent after a hard time limit killed the child: the job must still end."""
-        if isinstance(exc, TimeLimitExceeded):
-            job = store.get(task_id)
-            if job is not None and store.transition(task_id, ("queued", "running"), "failed", error={
-                "code": "timeout", "message": f"killed at the hard time limit ({exc})"
-            }) == "running":  # fmt: skip
-                metrics.JOBS_COMPLETED.labels(job.kind, job.model, "failed").inc()
+        job = store.get(task_id) if isinstance(exc, TimeLimitExceeded) else None
+        if job is not None:
+            finish(job, "failed", error={"code": "timeout", "message": f"killed at the hard time limit ({exc})"})
 
 
 class Lease:
@@ -65,7 +64,7 @@ class Lease:
         self.store.release_lease(self.job_id, self.token)
 
 
-def reporter(job: Job, cancel_error: type[Exception]) -> Callable[[dict[str, Any]], None]:
+def reporter(job: Job, cancel_error: type[Exception]) -> Report:
     """Progress callback: checks the cancel flag each call, writes progress at most every 0.2 s."""
     last = 0.0
 
@@ -84,19 +83,20 @@ def reporter(job: Job, cancel_error: type[Exception]) -> Callable[[dict[str, Any
 
 def finish(job: Job, status: str, **fields: Any) -> None:
     """Write the final state once; count and time it only if this call made it final."""
-    if store.transition(job.id, ("queued", "running"), status, **fields) not in ("queued", "running"):
+    finished_at = now()
+    if store.transition(job.id, ("queued", "running"), status, finished_at=finished_at, **fields) not in (
+        "queued", "running",
+    ):  # fmt: skip
         return
     metrics.JOBS_COMPLETED.labels(job.kind, job.model, status).inc()
     log.info("job %s %s", job.id, status, extra={"job_id": job.id, "kind": job.kind, "model": job.model,
                                                  "status": status, "error": fields.get("error")})  # fmt: skip
-    record = store.get(job.id)
-    if record is not None and record.finished_at is not None:
-        metrics.E2E_LATENCY.labels(job.kind, job.model).observe(record.finished_at - record.created_at)
-        if record.started_at is not None:
-            metrics.INFERENCE_TIME.labels(job.kind, job.model).observe(record.finished_at - record.started_at)
+    metrics.E2E_LATENCY.labels(job.kind, job.model).observe(finished_at - job.created_at)
+    if job.started_at is not None:
+        metrics.INFERENCE_TIME.labels(job.kind, job.model).observe(finished_at - job.started_at)
 
 
-def execute(task: Task, job_id: str, work: Callable[[Job, Any], dict[str, Any]], cancel_error: type[Exception]):
+def execute(task: Task, job_id: str, work: Work, cancel_error: type[Exception]) -> None:
     settings = get_settings()
     job = store.get(job_id)
     if job is None or job.final:  # expired, canceled while queued, or a late duplicate of a finished job
@@ -122,13 +122,13 @@ def execute(task: Task, job_id: str, work: Callable[[Job, Any], dict[str, Any]],
             return
         if job.started_at is None:
             metrics.QUEUE_TIME.labels(job.kind, job.model).observe(started_at - job.created_at)
-        job = store.get(job_id) or job
+            job.started_at = started_at
         run(job, work, cancel_error, settings)
     finally:
         lease.release()
 
 
-def run(job: Job, work: Callable[[Job, Any], dict[str, Any]], cancel_error: type[Exception], settings: Any) -> None:
+def run(job: Job, work: Work, cancel_error: type[Exception], settings: Settings) -> None:
     in_progress = metrics.JOBS_IN_PROGRESS.labels(job.kind)
     in_progress.inc()
     try:
