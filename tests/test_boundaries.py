@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from app.keys import digest, identify, load_keys, main
 from app.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def imported_after(statement: str) -> set[str]:
-    probe = f"import sys; {statement}; import json; print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return set(json.loads(result.stdout.splitlines()[-1]))
+from tests.servicekit import imported_modules
 
 
 def test_gateway_and_worker_parent_never_import_torch():
     # The gateway stays light; the Celery parent forks pool children and must not touch CUDA first.
-    assert "torch" not in imported_after("import app.main")
-    assert "torch" not in imported_after("import worker.celery_app, worker.tasks")
+    assert "torch" not in imported_modules("app.main")
+    assert "torch" not in imported_modules("worker.celery_app", "worker.tasks")
 
 
 def test_the_library_imports_neither_the_gateway_nor_the_workers():
-    modules = imported_after("import harmonica_core.cli, harmonica_core.training, harmonica_core.quality_bench")
+    modules = imported_modules("harmonica_core.cli", "harmonica_core.training", "harmonica_core.quality_bench")
     assert not {"app", "worker", "fastapi", "celery"} & modules
 
 

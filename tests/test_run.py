@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,14 +13,7 @@ import redis
 
 from app import run
 from app.embedded_redis import EmbeddedRedis, free_port
-from tests.servicekit import ROOT, redis_database, wait_until
-
-
-def fetch(url: str, body: dict | None = None) -> tuple[int, bytes]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return response.status, response.read()
+from tests.servicekit import ROOT, http_json, redis_database, wait_until
 
 
 def test_make_run_serves_a_generation_and_stops_on_ctrl_c(tmp_path):
@@ -39,13 +31,14 @@ def test_make_run_serves_a_generation_and_stops_on_ctrl_c(tmp_path):
             assert "open to anyone" in text  # no keys: it says so
             family = [make.pid] + [p.pid for p in psutil.Process(make.pid).children(recursive=True)]
             base = f"http://127.0.0.1:{port}"
-            status, body = fetch(f"{base}/generate", {"class_labels": [4], "steps": 10})
-            job_id = json.loads(body)["id"]
+            status, body = http_json(f"{base}/generate", {"class_labels": [4], "steps": 10})
+            job_id = body["id"]
             assert status == 202
             job = wait_until(
-                lambda: (j := json.loads(fetch(f"{base}/jobs/{job_id}")[1]))["status"] == "succeeded" and j, 60, "job"
+                lambda: (j := http_json(f"{base}/jobs/{job_id}")[1])["status"] == "succeeded" and j, 60, "job"
             )
-            assert fetch(f"{base}{job['links']['images'][0]}")[1].startswith(b"\x89PNG")
+            with urllib.request.urlopen(f"{base}{job['links']['images'][0]}", timeout=10) as png:
+                assert png.read().startswith(b"\x89PNG")
         finally:
             os.killpg(make.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
             make.wait(timeout=120)
