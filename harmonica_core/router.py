@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .catalog import read_router_metadata
 from .schedules import CachePlan
 
 PINNED_LOGIT = 5.0  # row 0: the first step always computes (sigmoid(5) ~ 0.993)
@@ -106,13 +107,7 @@ def read_router(path: str | Path) -> tuple[Router, RouterMetadata]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no router file at {path}")
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        raw = (handle.metadata() or {}).get("harmonica")
-    if raw is None:
-        raise ValueError(f"{path} is a safetensors file but not a HarmoniCa router (no 'harmonica' metadata)")
-    data = json.loads(raw)
+    data = read_router_metadata(path)
     metadata = RouterMetadata(**{**data, "target": RouterTarget(**data["target"])})
     logits = load_file(str(path))["logits"]
     router = Router(*logits.shape)
