@@ -121,13 +121,15 @@ app = FastAPI(
 
 @app.middleware("http")
 async def limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
-    """Refuse bodies above HARMONICA_MAX_BODY_BYTES before reading them (413)."""
+    """Refuse bodies above HARMONICA_MAX_BODY_BYTES (413): by Content-Length when sent, else by reading."""
     limit = get_settings().max_body_bytes
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
+    if length is not None:
+        too_large = not length.isdigit() or int(length) > limit
+    else:
+        too_large = request.method in {"POST", "PUT", "PATCH"} and len(await request.body()) > limit
+    if too_large:
         metrics.JOBS_REJECTED.labels("too_large").inc()
-        return problem(413, "Request body too large", f"bodies are limited to {limit} bytes")
-    if length is None and request.method in {"POST", "PUT", "PATCH"} and len(await request.body()) > limit:
         return problem(413, "Request body too large", f"bodies are limited to {limit} bytes")
     return await call_next(request)
 
