@@ -1,6 +1,6 @@
-"""HTTP request and response bodies. Static bounds live here; limits the settings define are checked
-in `admission.py` against the configured values, so the OpenAPI schema documents the fields and the
-operator keeps the numbers."""
+"""HTTP request and response bodies. Static bounds come from `harmonica_core.validation` (the CLI and the
+workers check the same ones); limits the settings define are checked in `admission.py` against the configured
+values, so the OpenAPI schema documents the fields and the operator keeps the numbers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from harmonica_core.catalog import LAMBDA_MODES, OBJECTIVES, SCHEDULER_NAMES
 from harmonica_core.schedules import METHODS
+from harmonica_core.validation import GENERATION_BOUNDS as GEN
+from harmonica_core.validation import TRAINING_BOUNDS as TRAIN
 
 Scheduler = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
@@ -33,10 +35,12 @@ class Acceleration(Strict):
         None, description="router for l2c/harmonica, from GET /routers; it must match the model, scheduler and steps"
     )
     threshold: float | None = Field(
-        None, ge=0, le=1, description="harmonica: compute a branch where the router value exceeds this (default: the "
-        "router's training threshold); lower means more computation and higher quality",
+        None, **GEN["acceleration.threshold"], description="harmonica: compute a branch where the router value "
+        "exceeds this (default: the router's training threshold); lower means more computation and higher quality",
     )  # fmt: skip
-    interval: int = Field(2, ge=1, le=1000, description="fora: compute every N-th step, reuse in between")
+    interval: int = Field(
+        2, **GEN["acceleration.interval"], description="fora: compute every N-th step, reuse in between"
+    )
 
 
 class GenerateRequest(Strict):
@@ -47,35 +51,45 @@ class GenerateRequest(Strict):
     prompts: list[str] | None = Field(
         None, min_length=1, description="text-to-image models (PixArt): one prompt per image group"
     )
-    num_images: int = Field(1, ge=1, description="images per class label or prompt")
-    steps: int = Field(20, ge=1, description="denoising steps")
+    num_images: int = Field(1, **GEN["num_images"], description="images per class label or prompt")
+    steps: int = Field(20, **GEN["steps"], description="denoising steps")
     scheduler: Scheduler = Field("ddim", description="sampler")
-    guidance: float = Field(1.5, ge=1, le=30, description="classifier-free guidance scale (1 = off)")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="noise seed; omitted: the server picks one and "
+    guidance: float = Field(1.5, **GEN["guidance"], description="classifier-free guidance scale (1 = off)")
+    seed: int | None = Field(None, **GEN["seed"], description="noise seed; omitted: the server picks one and "
                              "reports it in the job")  # fmt: skip
-    height: int | None = Field(None, ge=8, description="pixels; PixArt only (multiple of 16); DiT sizes are fixed")
-    width: int | None = Field(None, ge=8, description="pixels; PixArt only (multiple of 16); DiT sizes are fixed")
+    height: int | None = Field(
+        None, **GEN["height"], description="pixels; PixArt only (multiple of 16); DiT sizes are fixed"
+    )
+    width: int | None = Field(
+        None, **GEN["width"], description="pixels; PixArt only (multiple of 16); DiT sizes are fixed"
+    )
     acceleration: Acceleration = Field(default_factory=Acceleration, description="the feature cache to use")
 
 
 class TrainRouterRequest(Strict):
     model: str = Field("digits", description="a model from GET /models")
-    steps: int = Field(20, ge=2, description="sampling steps T the router is for (it only runs at this T)")
+    steps: int = Field(20, **TRAIN["steps"], description="sampling steps T the router is for (it only runs at this T)")
     scheduler: Scheduler = Field("ddim", description="sampler the router is for")
     objective: Objective = Field(
         "iepo", description="iepo: HarmoniCa (SDT + image-error proxy); ltc: SDT without the proxy; l2c: Learning-to-"
         "Cache from real data (digits only here)",
     )  # fmt: skip
-    iterations: int = Field(1000, ge=1, description="router updates")
-    batch_size: int = Field(8, ge=1, description="samples per training trajectory")
-    lr: float = Field(0.01, gt=0, le=10, description="Adam learning rate")
-    beta: float = Field(7e-8, ge=0, le=1, description="weight of the reuse pressure; higher = more cache use")
-    tau: float = Field(0.1, gt=0, lt=1, description="cache-update threshold in training and the default at inference")
-    lambda_every: int = Field(100, ge=1, description="iepo: router updates between refreshes of the proxy weights")
+    iterations: int = Field(1000, **TRAIN["iterations"], description="router updates")
+    batch_size: int = Field(8, **TRAIN["batch_size"], description="samples per training trajectory")
+    lr: float = Field(0.01, **TRAIN["lr"], description="Adam learning rate")
+    beta: float = Field(7e-8, **TRAIN["beta"], description="weight of the reuse pressure; higher = more cache use")
+    tau: float = Field(
+        0.1, **TRAIN["tau"], description="cache-update threshold in training and the default at inference"
+    )
+    lambda_every: int = Field(
+        100, **TRAIN["lambda_every"], description="iepo: router updates between refreshes of the proxy weights"
+    )
     lambda_mode: LambdaMode = Field("cumulative", description="iepo: how the proxy weights are measured")
-    guidance: float = Field(1.5, ge=1, le=30, description="guidance scale of the trajectories")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    eval_samples: int = Field(100, ge=1, description="images generated to measure the trained router's quality")
+    guidance: float = Field(1.5, **TRAIN["guidance"], description="guidance scale of the trajectories")
+    seed: int = Field(0, **TRAIN["seed"])
+    eval_samples: int = Field(
+        100, **TRAIN["eval_samples"], description="images generated to measure the trained router's quality"
+    )
     name: str | None = Field(
         None, max_length=60, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$", description="readable prefix of the router id"
     )

@@ -1,4 +1,8 @@
-"""`harmonica` command line: generate images with a cache method, and rebuild the built-in digits model."""
+"""`harmonica` command line: generate images with a cache method, train routers, and rebuild the built-in digits model.
+
+Requests are checked before any model loads, by the service's rules and limits (the same HARMONICA_MAX_*
+variables), so a request the API refuses is refused here too.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import argparse
 import json
 import shlex
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from .schedules import METHODS
+from .schedules import METHODS, NEEDS_ROUTER
+from .validation import Limits, RouterInfo, default_class_labels, validate_generation, validate_training
 
 
 class CliError(Exception):
@@ -29,13 +35,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS, SCHEDULERS
 
@@ -48,17 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--method", choices=list(METHODS), default="none", help="cache method")
     gen.add_argument("--router", help="router file (.safetensors) for l2c / harmonica, or 'builtin'")
-    gen.add_argument("--threshold", type=_unit_interval, default=0.1, help="router threshold tau (compute if r > tau)")
-    gen.add_argument("--interval", type=_positive, default=2, help="FORA: compute every N-th step")
-    gen.add_argument("--steps", type=_positive, default=20, help="denoising steps")
+    gen.add_argument(
+        "--threshold", type=float, help="router threshold tau (compute if r > tau); default: the router's own"
+    )
+    gen.add_argument("--interval", type=int, default=2, help="FORA: compute every N-th step")
+    gen.add_argument("--steps", type=int, default=20, help="denoising steps")
     gen.add_argument("--scheduler", choices=list(SCHEDULERS), default="ddim")
     cond = gen.add_mutually_exclusive_group()
     cond.add_argument("--labels", type=_labels, help="class labels, e.g. 0,1,2 (DiT models)")
     cond.add_argument("--prompt", action="append", help="text prompt (PixArt models); repeat for several")
-    gen.add_argument("--num-images", type=_positive, default=1, help="images per label or prompt")
+    gen.add_argument("--num-images", type=int, default=1, help="images per label or prompt")
     gen.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
-    gen.add_argument("--height", type=_positive, help="image height in pixels (PixArt)")
-    gen.add_argument("--width", type=_positive, help="image width in pixels (PixArt)")
+    gen.add_argument("--height", type=int, help="image height in pixels (PixArt)")
+    gen.add_argument("--width", type=int, help="image width in pixels (PixArt)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     gen.add_argument("--out", type=Path, required=True, help="output folder")
@@ -70,16 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser("train-router", help="train a router (SDT + IEPO, LTC, or L2C) and write its file")
     tr.add_argument("--model", default="digits", help="'digits', a hub id or a diffusers folder")
     tr.add_argument("--objective", choices=list(OBJECTIVES), default=tc.objective)
-    tr.add_argument("--steps", type=_positive, default=tc.steps, help="sampling steps T the router is for")
+    tr.add_argument("--steps", type=int, default=tc.steps, help="sampling steps T the router is for")
     tr.add_argument("--scheduler", choices=list(SCHEDULERS), default=tc.scheduler)
-    tr.add_argument("--iterations", type=_positive, default=tc.iterations, help="router updates")
-    tr.add_argument("--batch-size", type=_positive, default=tc.batch_size, help="samples per trajectory")
+    tr.add_argument("--iterations", type=int, default=tc.iterations, help="router updates")
+    tr.add_argument("--batch-size", type=int, default=tc.batch_size, help="samples per trajectory")
     tr.add_argument("--lr", type=float, default=tc.lr)
     tr.add_argument(
         "--beta", type=float, default=tc.beta, help="weight of the sum of router values (higher = more reuse)"
     )
-    tr.add_argument("--tau", type=_unit_interval, default=tc.tau, help="cache-update and inference threshold")
-    tr.add_argument("--lambda-every", type=_positive, default=tc.lambda_every, help="IEPO: updates between refreshes")
+    tr.add_argument("--tau", type=float, default=tc.tau, help="cache-update and inference threshold")
+    tr.add_argument("--lambda-every", type=int, default=tc.lambda_every, help="IEPO: updates between refreshes")
     tr.add_argument("--lambda-mode", choices=LAMBDA_MODES, default=tc.lambda_mode)
     tr.add_argument("--guidance", type=float, default=tc.guidance)
     tr.add_argument("--seed", type=int, default=tc.seed)
@@ -88,17 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", type=Path, help="L2C on non-digits models: safetensors with `samples` latents (+ `labels`)"
     )
     tr.add_argument("--checkpoint", type=Path, help="checkpoint file: written per trajectory, resumed from if present")
-    tr.add_argument("--eval-samples", type=_positive, default=100, help="samples for the quality numbers")
+    tr.add_argument("--eval-samples", type=int, default=100, help="samples for the quality numbers")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--out", type=Path, required=True, help="router file to write (.safetensors)")
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     qb = bench.add_parser("quality", help="quality vs speedup of every method from the same noise (trains routers)")
     qb.add_argument("--model", default="digits")
-    qb.add_argument("--steps", type=_positive, default=20)
+    qb.add_argument("--steps", type=int, default=20)
     qb.add_argument("--scheduler", choices=list(SCHEDULERS), default="ddim")
     qb.add_argument("--samples", type=_positive, default=500, help="samples per method (fixed seeds)")
-    qb.add_argument("--iterations", type=_positive, default=380, help="router updates per trained router")
+    qb.add_argument("--iterations", type=int, default=380, help="router updates per trained router")
     qb.add_argument("--out", type=Path, default=Path("bench/results"))
 
     digits = commands.add_parser("digits", help="rebuild the built-in digits model").add_subparsers(
@@ -126,38 +127,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ROUTER_HELP = "--router PATH (train one with `harmonica train-router`, or 'builtin' for digits)"
+
+
+def generation_request(args: argparse.Namespace) -> dict:
+    """The arguments as the API's request body, so both are validated alike."""
+    accel = {"method": args.method, "router_id": args.router, "threshold": args.threshold, "interval": args.interval}
+    return {
+        "model": args.model, "class_labels": args.labels, "prompts": args.prompt, "num_images": args.num_images,
+        "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "seed": args.seed,
+        "height": args.height, "width": args.width, "acceleration": accel,
+    }  # fmt: skip
+
+
 def run_generate(args: argparse.Namespace) -> dict:
     from .models import load_model
     from .router import load_router
     from .sampling import GenerationRequest, generate
-    from .schedules import NEEDS_ROUTER, make_plan
+    from .schedules import make_plan
 
-    if args.method in NEEDS_ROUTER and args.router is None:
-        raise CliError(f"--method {args.method} needs --router PATH (train one with `harmonica train-router`)")
-    model = load_model(args.model, device=args.device)
-    request = GenerationRequest(
-        class_labels=args.labels,
-        prompts=args.prompt,
-        num_images_per_prompt=args.num_images,
-        steps=args.steps,
-        scheduler=args.scheduler,
-        guidance=args.guidance,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-    )
-    if model.family == "dit" and request.class_labels is None:
-        request.class_labels = list(range(min(model.num_classes, 10)))
-    router = None
-    if args.router is not None:
+    path = None
+    if args.router is not None and args.method in NEEDS_ROUTER:
         path = builtin_router(args.model, args.scheduler, args.steps) if args.router == "builtin" else Path(args.router)
-        router, _ = load_router(path, model.router_target(args.scheduler, args.steps))
+    info = RouterInfo.read(path) if path is not None else None
+    req = validate_generation(generation_request(args), Limits.from_env(), info, router_help=ROUTER_HELP)
+    accel = req["acceleration"]
+    model = load_model(args.model, device=args.device)
+    if model.family == "dit" and req["class_labels"] is None:  # a local folder: its classes are known now
+        req["class_labels"] = default_class_labels(model.num_classes)
+    request = GenerationRequest(
+        class_labels=req["class_labels"], prompts=req["prompts"], num_images_per_prompt=req["num_images"],
+        steps=req["steps"], scheduler=req["scheduler"], guidance=req["guidance"], seed=req["seed"],
+        height=req["height"], width=req["width"],
+    )  # fmt: skip
+    router = None
+    if path is not None:
+        router, _ = load_router(path, model.router_target(req["scheduler"], req["steps"]))
     plan = make_plan(
-        args.method, args.steps, len(model.branch_layout), router=router, threshold=args.threshold,
-        interval=args.interval,
+        accel["method"], req["steps"], len(model.branch_layout), router=router,
+        threshold=accel["threshold"] if accel["threshold"] is not None else 0.1, interval=accel["interval"],
     )  # fmt: skip
     result = generate(model, request, plan)
-    return write_images(result, args.out, args.num_images, method=args.method, model=args.model)
+    return write_images(result, args.out, req["num_images"], method=accel["method"], model=req["model"])
 
 
 def builtin_router(model: str, scheduler: str, steps: int) -> Path:
@@ -170,17 +181,20 @@ def builtin_router(model: str, scheduler: str, steps: int) -> Path:
     return routers[scheduler, steps]
 
 
+def training_request(args: argparse.Namespace) -> dict:
+    """The arguments as the API's training request body, so both are validated alike."""
+    names = "model objective steps scheduler iterations batch_size lr beta tau lambda_every lambda_mode guidance seed "
+    return {name: getattr(args, name) for name in (names + "eval_samples").split()}
+
+
 def run_train_router(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from .models import load_model
     from .training import TrainConfig, train_and_save
 
-    config = TrainConfig(
-        objective=args.objective, steps=args.steps, scheduler=args.scheduler, iterations=args.iterations,
-        batch_size=args.batch_size, lr=args.lr, beta=args.beta, tau=args.tau, lambda_every=args.lambda_every,
-        lambda_mode=args.lambda_mode, guidance=args.guidance, seed=args.seed,
-    )  # fmt: skip
+    req = validate_training(training_request(args), Limits.from_env(), data=args.data is not None)
+    config = TrainConfig(**{name: req[name] for name in TrainConfig.__dataclass_fields__ if name in req})
     config.validate()
     model = load_model(args.model, device=args.device)
     data = load_train_data(args, model)
@@ -263,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, steps=args.steps, scheduler=args.scheduler, samples=args.samples,
                 iterations=args.iterations,
             )  # fmt: skip
+            for objective in config.betas:  # every router the sweep trains, before the model loads
+                validate_training({**asdict(config), "objective": objective}, Limits.from_env())
             result = run_quality_bench(config, args.out)
             print(format_table(result["rows"]))
             print(f"command: {result['command']}\nwrote {args.out}/quality_{args.model}_T{args.steps}.{{json,png}}")

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from .cache import CacheConfig, CacheState, apply_branch_cache, remove_branch_cache
-from .catalog import LAMBDA_MODES, OBJECTIVES
 from .models import Model
 from .router import Router, RouterMetadata, save_router
 from .sampling import Conditioning, GenerationRequest, PromptEmbeddings, build_conditioning, predict_noise, step_kwargs
+from .validation import validate_training
 
 DEFAULT_CAPTIONS = (
     "a photograph of a cat sitting on a windowsill",
@@ -67,17 +67,8 @@ class TrainConfig:
     frozen: bool = True  # False: the released code's cost (weights take gradients, teacher keeps a graph); benchmarks
 
     def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.lambda_mode not in LAMBDA_MODES:
-            raise ValueError(f"lambda_mode must be one of {', '.join(LAMBDA_MODES)}")
-        if self.steps < 2:
-            raise ValueError("router training needs at least 2 sampling steps")
-        for name in ("iterations", "batch_size", "lambda_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if not 0 < self.tau < 1 or self.lr <= 0 or self.beta < 0:
-            raise ValueError("need 0 < tau < 1, lr > 0 and beta >= 0")
+        """The bounds every entry point applies (`validation.TRAINING_BOUNDS`); data is the caller's concern."""
+        validate_training(asdict(self), None, data=True)
 
 
 @dataclass

@@ -17,6 +17,11 @@ def test_gateway_and_worker_parent_never_import_torch():
     assert "torch" not in imported_modules("worker.celery_app", "worker.tasks")
 
 
+def test_request_validation_is_torch_free():
+    # The gateway validates with it, and the CLI refuses a bad request before the heavy imports.
+    assert not {"torch", "diffusers", "pydantic"} & imported_modules("harmonica_core.validation")
+
+
 def test_the_library_imports_neither_the_gateway_nor_the_workers():
     modules = imported_modules("harmonica_core.cli", "harmonica_core.training", "harmonica_core.quality_bench")
     assert not {"app", "worker", "fastapi", "celery"} & modules

@@ -36,6 +36,8 @@ def test_generate_writes_images_and_a_summary(tmp_path):
         (["--method", "harmonica", "--router", "missing.safetensors"], "no router file"),
         (["--steps", "0"], "must be >= 1"),
         (["--threshold", "2"], "must be in [0, 1]"),
+        (["--prompt", "a three"], "digits is class-conditional"),
+        (["--labels", "1", "--num-images", "100000"], "at most 64 is allowed here"),
         (["--model", "facebook/DiT-XL-2-256"], "huggingface-cli download"),
         (["--device", "banana"], "unknown device 'banana'"),
     ],
