@@ -14,7 +14,9 @@ import sys
 
 from .settings import Settings
 
-_ENTRY = re.compile(r"^(?P<name>[A-Za-z0-9_.-]{1,64}):(?P<digest>[0-9a-f]{64})$")
+# A key's name owns its jobs and names its router folder (`routers/<name>/`): never `.`, `..` or hidden.
+KEY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+_ENTRY = re.compile(rf"^(?P<name>{KEY_NAME.pattern}):(?P<digest>[0-9a-f]{{64}})$")
 
 
 def digest(key: str) -> str:
@@ -47,8 +49,8 @@ def identify(keys: dict[str, str], presented: str) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", argv[0]):
-        print("usage: python -m app.keys NAME   (NAME: letters, digits, _ . -)", file=sys.stderr)
+    if len(argv) != 1 or not KEY_NAME.fullmatch(argv[0]):
+        print("usage: python -m app.keys NAME   (NAME: letters, digits, _ . -, not starting with .)", file=sys.stderr)
         return 2
     key = "hk_" + secrets.token_urlsafe(32)
     print(f"key (give to the client; it is not stored): {key}")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any
 
 import redis
@@ -19,7 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from harmonica_core.catalog import MODELS, ModelInfo
 
@@ -28,7 +32,7 @@ from .admission import Rejected, admit_generate, admit_training
 from .jobs import FINAL_STATES, Job, JobStore, new_job_id, now
 from .keys import identify, load_keys
 from .logs import configure_logging
-from .queue import QUEUES, TASKS, make_celery
+from .queue import QUEUES, enqueue, make_celery
 from .registry import RouterRegistry
 from .schemas import GenerateRequest, JobOut, JobPage, Links, ModelOut, Problem, RouterOut, TrainRouterRequest
 from .settings import Settings, get_settings
@@ -36,9 +40,19 @@ from .settings import Settings, get_settings
 log = logging.getLogger("harmonica.gateway")
 PROBLEM = "application/problem+json"
 PROBLEM_SCHEMA = {"$ref": "#/components/schemas/Problem"}
-JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "description": text, "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}}}
-    for code, text in {
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # new_job_id(): uuid4 hex; anything else is no job, without asking Redis
+
+
+def problem_responses(texts: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for problem+json answers."""
+    return {
+        code: {"model": Problem, "description": text, "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}}}
+        for code, text in texts.items()
+    }
+
+
+JOB_RESPONSES = problem_responses(
+    {
         401: "missing or unknown API key",
         404: "no such job (or not yours)",
         409: "conflict with the job's state or an idempotency key",
@@ -46,8 +60,9 @@ JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
         422: "invalid request; `errors` names the fields",
         429: "queue full, or too many active jobs for this key; retry after Retry-After seconds",
         503: "Redis unreachable",
-    }.items()
-}
+    }
+)
+POST_RESPONSES = {**problem_responses({400: "the body could not be read (not UTF-8)"}), **JOB_RESPONSES}
 
 
 class ApiError(Exception):
@@ -69,7 +84,6 @@ class Service:
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         self.store = JobStore(self.redis, settings.key_prefix, settings.job_ttl_seconds)
         self.celery = make_celery(settings)
-        self.registry = RouterRegistry(settings.routers_dir)
         self.keys = load_keys(settings)
 
 
@@ -84,8 +98,8 @@ class QueueCollector:
         workers = GaugeMetricFamily("harmonica_workers", "Live workers consuming a queue", labels=["queue"])
         try:
             alive = self.service.store.workers()
-            for queue in QUEUES.values():
-                depth.add_metric([queue], self.service.redis.llen(queue))
+            for kind, queue in QUEUES.items():  # queued jobs, as admission counts them (not stale messages)
+                depth.add_metric([queue], self.service.store.queued(kind))
                 workers.add_metric([queue], sum(queue in worker["queues"] for worker in alive.values()))
         except redis.RedisError:
             return
@@ -119,19 +133,54 @@ app = FastAPI(
 )
 
 
-@app.middleware("http")
-async def limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
-    """Refuse bodies above HARMONICA_MAX_BODY_BYTES (413): by Content-Length when sent, else by reading."""
-    limit = get_settings().max_body_bytes
-    length = request.headers.get("content-length")
-    if length is not None:
-        too_large = not length.isdigit() or int(length) > limit
-    else:
-        too_large = request.method in {"POST", "PUT", "PATCH"} and len(await request.body()) > limit
-    if too_large:
-        metrics.JOBS_REJECTED.labels("too_large").inc()
-        return problem(413, "Request body too large", f"bodies are limited to {limit} bytes")
-    return await call_next(request)
+class BodyTooLarge(Exception):
+    """Raised into the app by `LimitBody`'s receive once the body passes the limit."""
+
+
+class LimitBody:
+    """Refuse bodies above HARMONICA_MAX_BODY_BYTES with 413: by Content-Length before reading anything, else
+    (chunked) by counting what the app receives, so no body is ever buffered beyond the limit."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = get_settings().max_body_bytes
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and not (length.isascii() and length.isdigit() and int(length) <= limit):
+            return await too_large(limit)(scope, receive, send)
+        received, refused, started = 0, False, False
+
+        async def counted() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                refused = True
+                raise BodyTooLarge
+            return message
+
+        async def unless_refused(message: Message) -> None:
+            nonlocal started
+            if refused and not started:  # the app's own answer to BodyTooLarge (FastAPI makes it a 400)
+                return
+            started = True
+            await send(message)
+
+        with suppress(BodyTooLarge):
+            await self.app(scope, counted, unless_refused)
+        if refused and not started:
+            await too_large(limit)(scope, receive, send)
+
+
+def too_large(limit: int) -> JSONResponse:
+    metrics.JOBS_REJECTED.labels("too_large").inc()
+    return problem(413, "Request body too large", f"bodies are limited to {limit} bytes")
+
+
+app.add_middleware(LimitBody)
 
 
 @app.exception_handler(ApiError)
@@ -139,20 +188,45 @@ async def _api_error(_: Request, error: ApiError) -> JSONResponse:
     return problem(error.status, error.title, error.detail, error.headers, **error.extra)
 
 
+def field_error(error: dict[str, Any], document: Any, content_type: str) -> dict[str, str]:
+    """One validation error as the field it concerns and what to change."""
+    loc = error["loc"]
+    if error["type"] == "json_invalid":  # loc is ("body", character offset); the text says line and column
+        where = json.JSONDecodeError(error["ctx"]["error"], document if isinstance(document, str) else "", loc[-1])
+        return {"field": "body", "message": f"the body is not valid JSON: {where}"}
+    if loc == ("body",):  # the body as a whole: absent, not an object, or not sent as JSON
+        came = "" if content_type.endswith("json") else f" (it came as {content_type or 'no Content-Type'!r})"
+        hint = f"send a JSON object with `Content-Type: application/json`{came}"
+        return {"field": "body", "message": f"{error['msg']}: {hint}"}
+    return {"field": ".".join(str(part) for part in loc[1:]), "message": error["msg"]}
+
+
 @app.exception_handler(RequestValidationError)
-async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
     metrics.JOBS_REJECTED.labels("invalid").inc()
-    errors = [
-        {"field": ".".join(str(part) for part in e["loc"][1:]) or "body", "message": e["msg"]} for e in error.errors()
-    ]
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    errors = [field_error(e, error.body, content_type) for e in error.errors()]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     return problem(422, "Invalid request", detail, errors=errors)
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method of every route matching the path (Starlette's 405 names only the first route's)."""
+    routes = request.app.router.routes
+    methods = {m for r in routes if r.matches(request.scope)[0] is not Match.NONE for m in getattr(r, "methods", ())}
+    return ", ".join(sorted(methods))
+
+
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-    detail = f"{error.detail}: see /docs for the API"
-    return problem(error.status_code, str(error.detail), detail, dict(error.headers or {}))  # keeps 405's Allow
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    headers = dict(error.headers or {})
+    hint = "see /docs for the API"
+    if error.status_code == 405:
+        headers["Allow"] = allowed_methods(request)
+        hint = f"this path allows {headers['Allow']}"
+    elif error.status_code == 400:  # FastAPI's: a body it could not decode (JSON in another encoding than UTF-8)
+        hint = "send the body as UTF-8 JSON"
+    return problem(error.status_code, str(error.detail), f"{error.detail}: {hint}", headers)
 
 
 @app.exception_handler(redis.RedisError)
@@ -173,15 +247,29 @@ def owner(service: ServiceDep, authorization: Annotated[str | None, Header()] = 
     if not service.keys:
         return "anonymous"
     scheme, _, token = (authorization or "").partition(" ")
-    name = identify(service.keys, token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+    bearer = scheme.lower() == "bearer" and bool(token.strip())
+    name = identify(service.keys, token.strip()) if bearer else None
     if name is None:
         metrics.JOBS_REJECTED.labels("unauthorized").inc()
-        detail = "send `Authorization: Bearer <key>`" if not authorization else "unknown API key"
+        if not authorization:
+            detail = "send `Authorization: Bearer <key>`"
+        elif not bearer:
+            detail = "use the Bearer scheme: `Authorization: Bearer <key>`"
+        else:
+            detail = "unknown API key"
         raise ApiError(401, "Unauthorized", detail, {"WWW-Authenticate": "Bearer"})
     return name
 
 
 Owner = Annotated[str, Depends(owner)]
+
+
+def routers(service: ServiceDep, who: Owner) -> RouterRegistry:
+    """The routers the caller may use: the built-in ones and those its key trained."""
+    return RouterRegistry(service.settings.routers_dir, who)
+
+
+Routers = Annotated[RouterRegistry, Depends(routers)]
 
 
 def job_out(job: Job) -> JobOut:
@@ -196,11 +284,11 @@ def job_out(job: Job) -> JobOut:
 
 def submit(service: Service, kind: str, who: str, request: dict[str, Any], idempotency_key: str | None,
            fingerprint: str, response: Response) -> JobOut:  # fmt: skip
-    """Create the record, bind the idempotency key, enqueue; replays return the bound job."""
-    queue = QUEUES[kind]
+    """Bind the idempotency key, then admit and enqueue the job; replays return the bound job."""
     job = Job(new_job_id(), kind, "queued", who, request["model"], request, now())
-    if idempotency_key is not None:
-        bound = service.store.claim_idempotency_key(who, f"{kind}:{idempotency_key}", job.id, fingerprint)
+    bound_key = None if idempotency_key is None else f"{kind}:{idempotency_key}"
+    if bound_key is not None:
+        bound = service.store.claim_idempotency_key(who, bound_key, job.id, fingerprint)
         if bound is not None:
             bound_id, bound_fingerprint = bound
             if bound_fingerprint != fingerprint:
@@ -211,26 +299,34 @@ def submit(service: Service, kind: str, who: str, request: dict[str, Any], idemp
                 raise ApiError(409, "Request in progress", "the first request with this key is still being accepted; "
                                "retry shortly", {"Retry-After": "1"})  # fmt: skip
             return accepted(existing, response)
-    limits = service.settings
-    refusal = None
-    if service.store.active(who) >= limits.max_active_jobs_per_key:
-        refusal = "key_busy", f"you have {limits.max_active_jobs_per_key} jobs queued or running; wait for one to end"
-    elif service.redis.llen(queue) >= limits.max_queue_depth:
-        refusal = "queue_full", f"the {queue} queue holds {limits.max_queue_depth} jobs; retry later"
-    if refusal is not None:
-        if idempotency_key is not None:
-            service.store.release_idempotency_key(who, f"{kind}:{idempotency_key}")
-        metrics.JOBS_REJECTED.labels(refusal[0]).inc()
-        raise ApiError(429, "Too many jobs", refusal[1], {"Retry-After": "10"})
-    service.store.create(job)
     try:
-        service.celery.send_task(TASKS[kind], args=[job.id], task_id=job.id, queue=queue)
+        admit_and_enqueue(service, job)
+    except ApiError:
+        if bound_key is not None:  # refused or not enqueued: a retry with the same key must be able to succeed
+            service.store.release_idempotency_key(who, bound_key)
+        raise
+    return accepted(job, response)
+
+
+def admit_and_enqueue(service: Service, job: Job) -> None:
+    """Create the record within the limits (one atomic step, so no burst gets past them) and enqueue it."""
+    limits = service.settings
+    refusal = service.store.admit(job, limits.max_active_jobs_per_key, limits.max_queue_depth)
+    if refusal is not None:
+        metrics.JOBS_REJECTED.labels(refusal).inc()
+        reasons = {
+            "key_busy": f"you have {limits.max_active_jobs_per_key} jobs queued or running; wait for one to end",
+            "queue_full": f"the {QUEUES[job.kind]} queue holds {limits.max_queue_depth} jobs; retry later",
+        }
+        raise ApiError(429, "Too many jobs", reasons[refusal], {"Retry-After": "10"})
+    try:
+        enqueue(service.celery, job.kind, job.id)
     except Exception as error:  # broker down: the accepted record must still end in a final state
         service.store.transition(job.id, ("queued",), "failed", error={"code": "internal", "message": str(error)})
         raise ApiError(503, "Queue unavailable", "could not enqueue the job; retry shortly") from error
-    metrics.JOBS_SUBMITTED.labels(kind, job.model).inc()
-    log.info("job %s accepted", job.id, extra={"job_id": job.id, "kind": kind, "model": job.model, "owner": who})
-    return accepted(job, response)
+    metrics.JOBS_SUBMITTED.labels(job.kind, job.model).inc()
+    extra = {"job_id": job.id, "kind": job.kind, "model": job.model, "owner": job.owner}
+    log.info("job %s accepted", job.id, extra=extra)
 
 
 def accepted(job: Job, response: Response) -> JobOut:
@@ -259,19 +355,24 @@ IdempotencyKey = Annotated[
 ]
 
 
-@app.post("/generate", status_code=202, response_model=JobOut, responses=JOB_RESPONSES, tags=["jobs"])
+@app.post("/generate", status_code=202, response_model=JobOut, responses=POST_RESPONSES, tags=["jobs"])
 def post_generate(
-    body: GenerateRequest, service: ServiceDep, who: Owner, response: Response, idempotency_key: IdempotencyKey = None
+    body: GenerateRequest,
+    service: ServiceDep,
+    who: Owner,
+    registry: Routers,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
     """Generate images; poll the returned job (Location header) until it succeeds, then fetch its images."""
     try:
-        request = admit_generate(body, service.settings, service.registry)
+        request = admit_generate(body, service.settings, registry)
     except Rejected as error:
         raise rejected(error) from None
     return submit(service, "generate", who, request, idempotency_key, fingerprint(body), response)
 
 
-@app.post("/train-router", status_code=202, response_model=JobOut, responses=JOB_RESPONSES, tags=["jobs"])
+@app.post("/train-router", status_code=202, response_model=JobOut, responses=POST_RESPONSES, tags=["jobs"])
 def post_train_router(
     body: TrainRouterRequest, service: ServiceDep, who: Owner, response: Response,
     idempotency_key: IdempotencyKey = None,
@@ -285,7 +386,7 @@ def post_train_router(
 
 
 def find_job(service: Service, job_id: str, who: str) -> Job:
-    job = service.store.get(job_id) if len(job_id) <= 64 else None
+    job = service.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
     if job is None or job.owner != who:
         raise ApiError(404, "Job not found", f"no job {job_id!r} (finished jobs are kept "
                        f"{service.settings.job_ttl_seconds // 3600} h)")  # fmt: skip
@@ -303,7 +404,9 @@ def list_jobs(
     service: ServiceDep,
     who: Owner,
     limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
-    cursor: Annotated[float | None, Query(description="from the previous page's `next` link")] = None,
+    cursor: Annotated[
+        float | None, Query(allow_inf_nan=False, description="from the previous page's `next` link")
+    ] = None,
 ) -> JobPage:
     """Your jobs, newest first, a page at a time."""
     jobs, next_cursor = service.store.list(who, limit, cursor)
@@ -352,30 +455,31 @@ def get_grid(job_id: str, service: ServiceDep, who: Owner) -> FileResponse:
     return artifact(service, job, (job.result or {}).get("grid"), "grid")
 
 
-@app.get("/routers", response_model=list[RouterOut], tags=["routers"])
-def list_routers(service: ServiceDep, model: str | None = None) -> list[dict[str, Any]]:
-    """Built-in and trained routers, with what they were trained for and their measured quality."""
-    return [r.summary() for r in service.registry.all() if model is None or r.model == model]
+@app.get("/routers", response_model=list[RouterOut], responses=JOB_RESPONSES, tags=["routers"])
+def list_routers(registry: Routers, model: str | None = None) -> list[dict[str, Any]]:
+    """Built-in routers and those your key trained, with what they were trained for and their measured quality."""
+    return [r.summary() for r in registry.all() if model is None or r.model == model]
 
 
 @app.get("/routers/{router_id}", response_model=RouterOut, responses=JOB_RESPONSES, tags=["routers"])
-def get_router(router_id: str, service: ServiceDep) -> dict[str, Any]:
-    router = service.registry.get(router_id)
+def get_router(router_id: str, registry: Routers) -> dict[str, Any]:
+    """A built-in router or one your key trained."""
+    router = registry.get(router_id)
     if router is None:
         raise ApiError(404, "Router not found", f"no router {router_id!r}; GET /routers lists them")
     return router.summary()
 
 
-@app.get("/models", response_model=list[ModelOut], tags=["routers"])
-def list_models(service: ServiceDep) -> list[ModelOut]:
-    """Models this service runs, with the routers trained for each."""
-    routers = service.registry.all()
+@app.get("/models", response_model=list[ModelOut], responses=JOB_RESPONSES, tags=["routers"])
+def list_models(service: ServiceDep, registry: Routers) -> list[ModelOut]:
+    """Models this service runs, with the routers you may use for each."""
+    usable = registry.all()
     out = []
     for name in service.settings.model_names:
         info = MODELS.get(name) or ModelInfo("a local diffusers pipeline folder", "unknown")
         facts = {"description": info.description, "family": info.family, "num_classes": info.num_classes,
                  "size": info.size, "max_size": info.max_size}  # fmt: skip
-        out.append(ModelOut(id=name, **facts, routers=[r.id for r in routers if r.model == name]))
+        out.append(ModelOut(id=name, **facts, routers=[r.id for r in usable if r.model == name]))
     return out
 
 

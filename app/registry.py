@@ -1,21 +1,28 @@
 """The router registry: built-in routers shipped with the library plus routers trained through the API.
 
-Trained routers live in the artifact store as `routers/<id>.safetensors`; their metadata (model,
-scheduler, steps, training config, measured quality) is read from the file header, without torch.
+A trained router belongs to the API key that trained it: it lives in the artifact store as
+`routers/<owner>/<id>.safetensors`, and a registry opened for one owner sees the built-in routers and
+that owner's only. Metadata (model, scheduler, steps, training config, measured quality) is read from
+the file header, without torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from harmonica_core.catalog import builtin_routers, read_router_metadata
+from harmonica_core.validation import RouterInfo
+
+from .keys import KEY_NAME
 
 log = logging.getLogger("harmonica.registry")
-ROUTER_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,95}$")
+ROUTER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,95}")
 
 
 @dataclass(frozen=True)
@@ -25,33 +32,26 @@ class RouterEntry:
     builtin: bool
     metadata: dict[str, Any]
 
+    @cached_property
+    def info(self) -> RouterInfo:
+        """What it was trained for (model, scheduler, steps, method, threshold), as the core reads it."""
+        return RouterInfo.from_metadata(self.id, self.metadata)
+
     @property
     def model(self) -> str:
-        return self.metadata.get("model_name", "")
-
-    @property
-    def scheduler(self) -> str:
-        return self.metadata.get("training", {}).get("scheduler", "")
-
-    @property
-    def steps(self) -> int:
-        return int(self.metadata["target"]["steps"])
-
-    @property
-    def method(self) -> str:
-        return self.metadata.get("quality", {}).get("method", "harmonica")
+        return self.info.model
 
     def summary(self) -> dict[str, Any]:
         training = self.metadata.get("training", {})
         return {
             "id": self.id,
             "builtin": self.builtin,
-            "model": self.model,
-            "scheduler": self.scheduler,
-            "steps": self.steps,
-            "method": self.method,
+            "model": self.info.model,
+            "scheduler": self.info.scheduler,
+            "steps": self.info.steps,
+            "method": self.info.method,
             "objective": training.get("objective"),
-            "threshold": self.metadata.get("threshold"),
+            "threshold": self.info.threshold,
             "branches": len(self.metadata["target"]["branch_layout"]),
             "quality": self.metadata.get("quality", {}),
             "training": training,
@@ -60,37 +60,44 @@ class RouterEntry:
 
 
 def trained_router_id(name: str | None, job_id: str) -> str:
-    """Deterministic per job, so a redelivered training job overwrites its own file."""
+    """Deterministic per job, so a redelivered training job overwrites its own file; a hash of the job id, not
+    the id itself, since router ids get quoted and shared while a job id stays its key's."""
     slug = re.sub(r"[^a-z0-9]+", "-", (name or "router").lower()).strip("-")[:60] or "router"
-    return f"{slug}-{job_id[:12]}"
+    return f"{slug}-{hashlib.sha256(job_id.encode()).hexdigest()[:12]}"
 
 
 class RouterRegistry:
-    def __init__(self, routers_dir: Path) -> None:
-        self.routers_dir = routers_dir
+    """The routers one owner (an API key's name) may use: the built-in ones and those it trained."""
+
+    def __init__(self, routers_dir: Path, owner: str) -> None:
+        if not KEY_NAME.fullmatch(owner):  # the owner names a folder: never `..` or a path
+            raise ValueError(f"router owner {owner!r} is not a valid API key name")
+        self.owner_dir = routers_dir / owner
 
     def _builtin(self) -> dict[str, Path]:
         return {f"builtin-digits-{path.stem.replace('_', '-').lower()}": path for path in builtin_routers().values()}
 
     def path_for(self, router_id: str) -> Path:
-        """Where a trained router with this id is (or will be) stored."""
-        if not ROUTER_ID.match(router_id):
+        """Where the owner's trained router with this id is (or will be) stored."""
+        if not ROUTER_ID.fullmatch(router_id):
             raise ValueError(f"router id {router_id!r} is not valid (lowercase letters, digits and '-')")
-        return self.routers_dir / f"{router_id}.safetensors"
+        return self.owner_dir / f"{router_id}.safetensors"
 
     def get(self, router_id: str) -> RouterEntry | None:
+        """A built-in router or one of the owner's; None for another owner's, as for an unknown id."""
         builtin = self._builtin()
         if router_id in builtin:
             return _entry(router_id, builtin[router_id], builtin=True)
-        if not ROUTER_ID.match(router_id):
+        if not ROUTER_ID.fullmatch(router_id):
             return None
         path = self.path_for(router_id)
         return _entry(router_id, path, builtin=False) if path.is_file() else None
 
     def all(self) -> list[RouterEntry]:
+        """The built-in routers, then the owner's."""
         paths = [(router_id, path, True) for router_id, path in self._builtin().items()]
-        if self.routers_dir.is_dir():
-            paths += [(path.stem, path, False) for path in sorted(self.routers_dir.glob("*.safetensors"))]
+        if self.owner_dir.is_dir():
+            paths += [(path.stem, path, False) for path in sorted(self.owner_dir.glob("*.safetensors"))]
         return [entry for entry in (_entry(*args) for args in paths) if entry is not None]
 
 

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from app.keys import digest
+from app.jobs import new_job_id
+from app.keys import digest, load_keys
+from app.keys import main as keys_cli
+from app.registry import RouterRegistry, trained_router_id
+from app.settings import Settings, get_settings
+from harmonica_core.catalog import builtin_routers
 from tests.servicekit import running_gateway
 
 KEY = "hk_test-key"
+BOB = {"Authorization": "Bearer hk_bob"}
+CAROL = {"Authorization": "Bearer hk_carol"}
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    settings = {"HARMONICA_API_KEYS": f"alice:{digest(KEY)},bob:{digest('hk_bob')}",
+    settings = {"HARMONICA_API_KEYS": f"alice:{digest(KEY)},bob:{digest('hk_bob')},carol:{digest('hk_carol')}",
                 "HARMONICA_MAX_QUEUE_DEPTH": "3", "HARMONICA_MAX_ACTIVE_JOBS_PER_KEY": "2",
                 "HARMONICA_MAX_IMAGES_PER_JOB": "12"}  # fmt: skip
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -36,7 +46,8 @@ def test_missing_or_wrong_api_key_is_401(gateway):
     assert_problem(missing, 401, "Authorization: Bearer")
     assert missing.headers["www-authenticate"] == "Bearer"
     assert_problem(gateway.post("/generate", json=body, headers={"Authorization": "Bearer nope"}), 401, "unknown")
-    assert_problem(gateway.get("/jobs/abc", headers={"Authorization": "Basic x"}), 401)
+    assert_problem(gateway.get("/jobs/abc", headers={"Authorization": "Basic x"}), 401, "Bearer scheme")
+    assert_problem(gateway.get("/jobs", headers={"Authorization": KEY}), 401, "Bearer scheme")
     assert gateway.get("/healthz", headers={"Authorization": ""}).status_code == 200  # operations stay open
 
 
@@ -59,17 +70,68 @@ def test_invalid_bodies_are_422_problems_that_name_the_field(gateway):
     for body, words in cases:
         problem = assert_problem(gateway.post("/generate", json=body), 422, words)
         assert problem["errors"], body
-    assert_problem(gateway.post("/generate", content=b"{not json", headers={"Content-Type": "application/json"}), 422)
     assert_problem(gateway.post("/train-router", json={"objective": "magic"}), 422, "objective")
     assert_problem(gateway.post("/train-router", json={"iterations": 10**9}), 422, "iterations")
 
 
+def test_unreadable_bodies_say_what_to_send(gateway):
+    broken = gateway.post("/generate", content=b'{"class_labels": [1],\n "steps": }', headers=JSON)
+    problem = assert_problem(broken, 422, "not valid JSON", "line 2 column 11")
+    assert [e["field"] for e in problem["errors"]] == ["body"]
+    not_json = [
+        (b"class_labels=1", "application/x-www-form-urlencoded"),
+        (b'{"class_labels": [1]}', "text/plain"),
+        (b'{"class_labels": [1]}', None),
+    ]
+    for content, content_type in not_json:
+        headers = {"Content-Type": content_type} if content_type else {}
+        problem = assert_problem(gateway.post("/generate", content=content, headers=headers), 422)
+        assert "Content-Type: application/json" in problem["errors"][0]["message"], problem
+    assert_problem(gateway.post("/generate", content=b"", headers=JSON), 422, "send a JSON object")
+    assert_problem(gateway.post("/generate", content='{"model": "é"}'.encode("latin-1"), headers=JSON), 400, "UTF-8")
+    responses = gateway.get("/openapi.json").json()["paths"]["/generate"]["post"]["responses"]
+    assert responses["400"]["content"]["application/problem+json"]
+
+
+def test_405_allows_every_method_of_the_path(gateway):
+    for method in ("PUT", "PATCH", "OPTIONS"):
+        response = gateway.request(method, f"/jobs/{new_job_id()}")
+        assert_problem(response, 405, "allows DELETE, GET")
+        assert response.headers["allow"] == "DELETE, GET"
+    assert gateway.put("/generate").headers["allow"] == "POST"
+
+
 def test_unknown_ids_are_404(gateway):
     assert_problem(gateway.get("/jobs/0123456789abcdef"), 404, "no job")
+    assert_problem(gateway.get(f"/jobs/{new_job_id()}"), 404, "no job")
     assert_problem(gateway.delete("/jobs/0123456789abcdef"), 404)
     assert_problem(gateway.get("/jobs/0123456789abcdef/images/0"), 404)
     assert_problem(gateway.get("/routers/nope"), 404, "GET /routers")
     assert_problem(gateway.get("/no-such-endpoint"), 404)
+
+
+def test_malformed_ids_and_cursors_are_4xx_not_503(gateway):
+    job_id = gateway.post("/generate", json={"class_labels": [3]}, headers=CAROL).json()["id"]
+    gateway.app.state.service.store.acquire_lease(job_id, "a-worker", 60)  # the key `<job key>:lease` exists
+    for path in (f"/jobs/{job_id}:lease", f"/jobs/{job_id.upper()}", f"/jobs/{job_id}x"):
+        assert_problem(gateway.get(path, headers=CAROL), 404, "no job")
+        assert_problem(gateway.delete(path, headers=CAROL), 404, "no job")
+    assert gateway.delete(f"/jobs/{job_id}", headers=CAROL).json()["status"] == "canceled"
+    for cursor in ("nan", "NaN", "inf", "-inf", "1e999"):
+        problem = assert_problem(gateway.get(f"/jobs?cursor={cursor}", headers=CAROL), 422, "cursor")
+        assert problem["errors"][0]["field"] == "cursor"
+
+
+def test_a_full_last_page_has_no_next_link(gateway):
+    for labels in ([1], [2]):  # Carol's only jobs besides the other tests' ended ones; canceled at once
+        job_id = gateway.post("/generate", json={"class_labels": labels}, headers=CAROL).json()["id"]
+        gateway.delete(f"/jobs/{job_id}", headers=CAROL)
+    total = len(gateway.get("/jobs?limit=100", headers=CAROL).json()["jobs"])
+    whole = gateway.get(f"/jobs?limit={total}", headers=CAROL).json()
+    assert len(whole["jobs"]) == total and whole["next"] is None
+    first = gateway.get(f"/jobs?limit={total - 1}", headers=CAROL).json()
+    last = gateway.get(first["next"], headers=CAROL).json()
+    assert len(first["jobs"]) == total - 1 and len(last["jobs"]) == 1 and last["next"] is None
 
 
 def test_jobs_belong_to_their_key(gateway):
@@ -95,19 +157,26 @@ def test_idempotency_key_replays_the_job_and_refuses_another_body(gateway):
 
 
 def test_busy_key_and_full_queue_are_429_and_large_bodies_413(gateway):
-    # No worker consumes here, so queued messages stay in the train queue (depth limit 3).
-    bob = {"Authorization": "Bearer hk_bob"}
+    # No worker runs here, so accepted jobs stay queued (per-key limit 2, queue depth 3).
     body = {"steps": 4, "iterations": 1}
-    first, _ = (gateway.post("/train-router", json=body).json()["id"] for _ in range(2))
-    busy = assert_problem(gateway.post("/train-router", json=body), 429, "2 jobs queued or running")
-    assert busy["title"] == "Too many jobs"
-    gateway.delete(f"/jobs/{first}")  # an ended job frees its key's slot (its message stays queued)
-    assert gateway.post("/train-router", json=body).status_code == 202
-    full = gateway.post("/train-router", json=body, headers=bob)
+    first, second = (gateway.post("/train-router", json=body).json()["id"] for _ in range(2))
+    busy = gateway.post("/train-router", json=body, headers={"Idempotency-Key": "retry-me"})
+    assert assert_problem(busy, 429, "2 jobs queued or running")["title"] == "Too many jobs"
+    gateway.delete(f"/jobs/{first}")  # an ended job frees its key's slot and its place in the queue
+    # The refused request did not keep its Idempotency-Key: the retry is accepted, not a 409.
+    third = gateway.post("/train-router", json=body, headers={"Idempotency-Key": "retry-me"})
+    assert third.status_code == 202, third.text
+    fourth = gateway.post("/train-router", json=body, headers=BOB)
+    assert fourth.status_code == 202, fourth.text
+    full = gateway.post("/train-router", json=body, headers=BOB)
     assert_problem(full, 429, "train queue holds 3")
     assert full.headers["retry-after"]
+    for job_id, headers in ((second, {}), (third.json()["id"], {}), (fourth.json()["id"], BOB)):
+        assert gateway.delete(f"/jobs/{job_id}", headers=headers).json()["status"] == "canceled"
     huge = {"class_labels": [1], "padding": "x" * 70000}
     assert_problem(gateway.post("/generate", json=huge), 413, "65536")
+    chunked = iter([b'{"class_labels": [1], "padding": "', b"x" * 40000, b"x" * 40000, b'"}'])  # no Content-Length
+    assert_problem(gateway.post("/generate", content=chunked, headers=JSON), 413, "65536")
 
 
 def test_models_routers_and_openapi(gateway):
@@ -122,14 +191,48 @@ def test_models_routers_and_openapi(gateway):
 
 
 def test_a_damaged_router_file_is_skipped_not_a_server_error(gateway):
-    from app.settings import get_settings
-
-    routers = get_settings().routers_dir
-    routers.mkdir(parents=True, exist_ok=True)
-    (routers / "broken-1.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    path = RouterRegistry(get_settings().routers_dir, "alice").path_for("broken-1")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     listing = gateway.get("/routers")
     assert listing.status_code == 200 and "broken-1" not in {r["id"] for r in listing.json()}
     assert_problem(gateway.get("/routers/broken-1"), 404)
+
+
+def test_trained_routers_belong_to_the_key_that_trained_them(gateway):
+    job_id = new_job_id()
+    router_id = trained_router_id("Mine T20", job_id)
+    assert router_id == trained_router_id("Mine T20", job_id) != trained_router_id("Mine T20", new_job_id())
+    assert router_id.startswith("mine-t20-") and job_id[:8] not in router_id  # the id does not reveal the job
+    target = RouterRegistry(get_settings().routers_dir, "alice").path_for(router_id)  # as the worker stores it
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(builtin_routers()[("ddim", 20)], target)
+
+    def router_ids(headers: dict[str, str]) -> tuple[set[str], set[str]]:
+        listed = {r["id"] for r in gateway.get("/routers", headers=headers).json()}
+        models = gateway.get("/models", headers=headers).json()
+        return listed, set(next(m for m in models if m["id"] == "digits")["routers"])
+
+    assert all(router_id in ids and "builtin-digits-iepo-ddim-t20" in ids for ids in router_ids({}))
+    assert all(router_id not in ids and "builtin-digits-iepo-ddim-t20" in ids for ids in router_ids(BOB))
+    assert gateway.get(f"/routers/{router_id}").json()["builtin"] is False
+    assert_problem(gateway.get(f"/routers/{router_id}", headers=BOB), 404, "no router")
+    generate = {"class_labels": [1], "acceleration": {"method": "harmonica", "router_id": router_id}}
+    assert_problem(gateway.post("/generate", json=generate, headers=BOB), 422, "no router")
+    accepted = gateway.post("/generate", json=generate)
+    assert accepted.status_code == 202, accepted.text
+    gateway.delete(f"/jobs/{accepted.json()['id']}")
+    assert_problem(gateway.get("/routers", headers={"Authorization": ""}), 401)
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden", "a/b", "", "x" * 65])
+def test_key_names_cannot_leave_the_routers_folder(name, tmp_path):
+    with pytest.raises(ValueError, match="not a valid API key name"):
+        RouterRegistry(tmp_path, name)
+    with pytest.raises(ValueError, match="name:<64 hex sha256>"):
+        load_keys(Settings(api_keys=f"{name}:{digest('hk_x')}"))
+    assert keys_cli([name]) == 2
+    assert RouterRegistry(tmp_path, "alice.v2").path_for("r-1") == tmp_path / "alice.v2" / "r-1.safetensors"
 
 
 def test_ready_only_once_a_worker_has_its_model_loaded(gateway):
@@ -137,7 +240,7 @@ def test_ready_only_once_a_worker_has_its_model_loaded(gateway):
     assert_problem(gateway.get("/readyz"), 503, "no worker is alive")
     store.heartbeat("w1@test", ["gen"], 10)
     assert_problem(gateway.get("/readyz"), 503, "still loading")
-    store.mark_loaded("w1@test", ["digits"])
+    store.mark_loaded("w1@test", ["digits"], 10)
     store.heartbeat("w1@test", ["gen"], 10)
     assert gateway.get("/readyz").json()["workers"] == {"w1@test": {"queues": ["gen"], "models": ["digits"]}}
     store.forget_worker("w1@test")
