@@ -43,9 +43,9 @@ def server_binary() -> str:
 class EmbeddedRedis:
     """A redis-server child process on a free loopback port, with append-only persistence in `data_dir`."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -67,5 +67,13 @@ class EmbeddedRedis:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: what the append-only file had not synced is lost. `start()` restarts it
+        on the same port and data."""
+        if self.process is not None:
+            self.process.kill()
             self.process.wait(timeout=10)
         self.process = None

@@ -16,22 +16,52 @@ from typing import Any
 
 import redis
 
+ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("succeeded", "failed", "canceled")
 KINDS = ("generate", "train_router")
 JSON_FIELDS = ("request", "progress", "result", "error")
 
+# Every script below keeps four indexes in step with the record, in the same atomic call:
+#   {prefix}active:{owner}  queued or running jobs of one owner (the per-key limit)
+#   {prefix}queued:{kind}   queued jobs of one kind (the queue-depth limit; a kind has one queue)
+#   {prefix}live            every queued or running job (what the reconciler sweeps)
+#   {prefix}jobs:{owner}    the owner's jobs by creation time (listing)
+
+# KEYS[1] job hash, KEYS[2] owner index, KEYS[3] owner active set, KEYS[4] live set, KEYS[5] queued set;
+# ARGV[1] per-owner limit, ARGV[2] queue limit, ARGV[3] job id, ARGV[4] created_at, ARGV[5..] fields.
+# Checks both limits and creates the job in one step, so no burst of requests gets past a limit.
+_ADMIT = """
+if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 'key_busy' end
+if redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[2]) then return 'queue_full' end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('SADD', KEYS[5], ARGV[3])
+return 'ok'
+"""
+
 # KEYS[1] job hash; ARGV[1] allowed current states (comma-separated), ARGV[2] new state,
-# ARGV[3] TTL in seconds once final (0: not final), ARGV[4] prefix of the owners' active-job sets,
-# ARGV[5..] field/value pairs. Returns the state found.
+# ARGV[3] TTL in seconds once final (0: not final), ARGV[4] key prefix, ARGV[5] '1' if the job's lease
+# must be absent (the reconciler's requeue: never take a job from a live holder), ARGV[6..] field/value
+# pairs. Returns the state found.
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return false end
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1] .. ':lease') == 1 then return current end
 for state in string.gmatch(ARGV[1], '[^,]+') do
   if state == current then
-    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 5))
+    local id, kind = redis.call('HGET', KEYS[1], 'id'), redis.call('HGET', KEYS[1], 'kind')
+    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 6))
+    if ARGV[2] == 'queued' then
+      redis.call('SADD', ARGV[4] .. 'queued:' .. kind, id)
+    else
+      redis.call('SREM', ARGV[4] .. 'queued:' .. kind, id)
+    end
     if tonumber(ARGV[3]) > 0 then
       redis.call('EXPIRE', KEYS[1], ARGV[3])
-      redis.call('SREM', ARGV[4] .. redis.call('HGET', KEYS[1], 'owner'), redis.call('HGET', KEYS[1], 'id'))
+      redis.call('SREM', ARGV[4] .. 'active:' .. redis.call('HGET', KEYS[1], 'owner'), id)
+      redis.call('SREM', ARGV[4] .. 'live', id)
     end
     return current
   end
@@ -39,9 +69,12 @@ end
 return current
 """
 
-# KEYS[1] lease key; ARGV[1] owner token; ARGV[2] TTL in ms. Renews only the owner's own lease.
+# KEYS[1] lease key; ARGV[1] owner token; ARGV[2] TTL in ms. Renews the owner's own lease, and takes it
+# back if it expired meanwhile (Redis was away longer than the lease); 0 if another holder has it.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not holder then return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) and 1 or 0 end
 return 0
 """
 _RELEASE = """
@@ -117,6 +150,7 @@ class JobStore:
         self.redis = client
         self.prefix = prefix
         self.ttl = ttl_seconds
+        self._admit = client.register_script(_ADMIT)
         self._transition = client.register_script(_TRANSITION)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -127,19 +161,35 @@ class JobStore:
     def _index(self, owner: str) -> str:
         return f"{self.prefix}jobs:{owner}"
 
-    def _active(self, owner: str = "") -> str:
+    def _active(self, owner: str) -> str:
         return f"{self.prefix}active:{owner}"
 
-    def create(self, job: Job) -> None:
-        pipe = self.redis.pipeline()
-        pipe.hset(self._key(job.id), mapping=_encode(job.__dict__))
-        pipe.zadd(self._index(job.owner), {job.id: job.created_at})
-        pipe.sadd(self._active(job.owner), job.id)
-        pipe.execute()
+    def _queued(self, kind: str) -> str:
+        return f"{self.prefix}queued:{kind}"
+
+    def admit(self, job: Job, max_active: int, max_queued: int) -> str | None:
+        """Create the queued job unless its owner has `max_active` jobs queued or running, or its kind
+        `max_queued` jobs queued; returns the refusal (`key_busy`, `queue_full`) or None. Atomic."""
+        keys = [self._key(job.id), self._index(job.owner), self._active(job.owner), self.live_key,
+                self._queued(job.kind)]  # fmt: skip
+        found = self._admit(keys=keys, args=[max_active, max_queued, job.id, job.created_at, *_flatten(job.__dict__)])
+        return None if found == b"ok" else found.decode()
+
+    @property
+    def live_key(self) -> str:
+        return f"{self.prefix}live"
+
+    def live(self) -> list[str]:
+        """Ids of every queued or running job."""
+        return [raw.decode() for raw in self.redis.smembers(self.live_key)]
 
     def active(self, owner: str) -> int:
         """How many of the owner's jobs are queued or running."""
         return int(self.redis.scard(self._active(owner)))
+
+    def queued(self, kind: str) -> int:
+        """How many jobs of a kind wait to run."""
+        return int(self.redis.scard(self._queued(kind)))
 
     def get(self, job_id: str) -> Job | None:
         data = self.redis.hgetall(self._key(job_id))
@@ -152,28 +202,33 @@ class JobStore:
         """
         index = self._index(owner)
         high = "+inf" if before is None else f"({before!r}"
-        entries = self.redis.zrevrangebyscore(index, high, "-inf", start=0, num=limit, withscores=True)
+        # One entry more than the page tells whether another page exists (no link to an empty page).
+        entries = self.redis.zrevrangebyscore(index, high, "-inf", start=0, num=limit + 1, withscores=True)
+        more = len(entries) > limit
         jobs = []
-        for raw, _ in entries:
+        for raw, _ in entries[:limit]:
             job = self.get(raw.decode())
             if job is None:
                 self.redis.zrem(index, raw)
             else:
                 jobs.append(job)
-        return jobs, (entries[-1][1] if len(entries) == limit else None)
+        return jobs, (entries[limit - 1][1] if more else None)
 
-    def transition(self, job_id: str, allowed: tuple[str, ...], status: str, **fields: Any) -> str | None:
-        """Set `status` (and fields) if the job is in one of `allowed`; returns the state found (None: no job)."""
+    def transition(
+        self, job_id: str, allowed: tuple[str, ...], status: str, unleased: bool = False, **fields: Any
+    ) -> str | None:
+        """Set `status` (and fields) if the job is in one of `allowed` (and, with `unleased`, nobody holds its
+        lease); returns the state found (None: no job)."""
         ttl = self.ttl if status in FINAL_STATES else 0
         if status in FINAL_STATES:
             fields.setdefault("finished_at", now())
-        args = [",".join(allowed), status, ttl, self._active(), *_flatten(fields)]
+        args = [",".join(allowed), status, ttl, self.prefix, "1" if unleased else "0", *_flatten(fields)]
         found = self._transition(keys=[self._key(job_id)], args=args)
         return found.decode() if found else None
 
     def update(self, job_id: str, **fields: Any) -> None:
         """Set fields of a job that is not final (progress); a no-op once it is."""
-        self._transition(keys=[self._key(job_id)], args=["running", "running", 0, "", *_flatten(fields)])
+        self._transition(keys=[self._key(job_id)], args=["running", "running", 0, self.prefix, "0", *_flatten(fields)])
 
     def request_cancel(self, job_id: str) -> str | None:
         """Cancel a queued job at once; flag a running one (its worker stops at the next step). Returns the state."""
@@ -204,6 +259,9 @@ class JobStore:
         self.redis.delete(f"{self.prefix}idem:{owner}:{key}")
 
     # Leases: one live run per job; the holder renews it while running.
+    def leased(self, job_id: str) -> bool:
+        return bool(self.redis.exists(f"{self._key(job_id)}:lease"))
+
     def acquire_lease(self, job_id: str, token: str, seconds: float) -> bool:
         return bool(self.redis.set(f"{self._key(job_id)}:lease", token, nx=True, px=int(seconds * 1000)))
 
@@ -215,13 +273,19 @@ class JobStore:
 
     # Worker heartbeats, read by /readyz and the workers gauge. A heartbeat carries the models the
     # worker's pool process has loaded, so readiness means "model resident", not just "process up".
-    def mark_loaded(self, worker: str, models: list[str]) -> None:
-        self.redis.set(f"{self.prefix}loaded:{worker}", json.dumps(models))
+    # Both keys expire unless the parent's heartbeat renews them, so a killed worker leaves nothing behind.
+    def mark_loaded(self, worker: str, models: list[str], seconds: float) -> None:
+        self.redis.set(f"{self.prefix}loaded:{worker}", json.dumps(models), ex=max(1, int(seconds)))
 
     def heartbeat(self, worker: str, queues: list[str], seconds: float) -> None:
-        loaded = self.redis.get(f"{self.prefix}loaded:{worker}")
+        ttl = max(1, int(seconds))
+        loaded_key = f"{self.prefix}loaded:{worker}"
+        loaded = self.redis.get(loaded_key)
         state = {"queues": queues, "models": json.loads(loaded) if loaded else [], "at": now()}
-        self.redis.set(f"{self.prefix}worker:{worker}", json.dumps(state), ex=int(seconds))
+        pipe = self.redis.pipeline()
+        pipe.set(f"{self.prefix}worker:{worker}", json.dumps(state), ex=ttl)
+        pipe.expire(loaded_key, ttl)
+        pipe.execute()
 
     def forget_worker(self, worker: str) -> None:
         self.redis.delete(f"{self.prefix}worker:{worker}", f"{self.prefix}loaded:{worker}")

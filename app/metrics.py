@@ -68,6 +68,12 @@ MODEL_LOAD_TIME = Histogram(
     "harmonica_model_load_seconds", "Time to load a model into a worker process", ["model"], buckets=LATENCY_BUCKETS
 )
 REDELIVERIES = Counter("harmonica_job_redeliveries_total", "Jobs delivered again after a worker died", ["kind"])
+JOBS_RECOVERED = Counter(
+    "harmonica_jobs_recovered_total",
+    "Jobs the reconciler re-enqueued (worker_lost: lease expired while running; message_lost: queued, no message)",
+    ["kind", "reason"],
+)
+RECOVERY_REASONS = ("worker_lost", "message_lost")
 TRAIN_ITERATIONS = Counter("harmonica_router_training_iterations_total", "Router updates done", ["model", "objective"])
 TRAIN_LOSS = Gauge(
     "harmonica_router_training_loss", "Loss of the latest router update", ["model", "objective"],
@@ -94,6 +100,8 @@ def precreate_worker_series(models: list[str]) -> None:
     for kind in KINDS:
         JOBS_IN_PROGRESS.labels(kind)
         REDELIVERIES.labels(kind)
+        for reason in RECOVERY_REASONS:
+            JOBS_RECOVERED.labels(kind, reason)
         for model in models:
             for histogram in (QUEUE_TIME, INFERENCE_TIME, E2E_LATENCY):
                 histogram.labels(kind, model)

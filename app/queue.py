@@ -35,7 +35,9 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_on_failure=True,
         task_acks_on_timeout=True,
         worker_prefetch_multiplier=1,  # reserve only the running job
-        worker_cancel_long_running_tasks_on_connection_loss=True,  # else a reconnect runs a job twice
+        # A job outlives a broker outage: the lease keeps a restored copy from running beside it, and its
+        # final state is written when Redis returns (worker.tasks.finish).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_soft_shutdown_timeout=60.0,  # SIGTERM (remapped to SIGQUIT) restores unacked jobs at once
         worker_proc_alive_timeout=120.0,  # pool children import torch before they report up
         worker_hijack_root_logger=False,
@@ -49,3 +51,8 @@ def make_celery(settings: Settings) -> Celery:
         },
     )
     return celery
+
+
+def enqueue(celery: Celery, kind: str, job_id: str) -> None:
+    """Send a job's message: the task id is the job id, so every copy of a job's message names it."""
+    celery.send_task(TASKS[kind], args=[job_id], task_id=job_id, queue=QUEUES[kind])

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from harmonica_core.validation import Limits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HARMONICA_", extra="ignore")
@@ -28,17 +30,18 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="workers' torch device: cpu, cuda, cuda:1, ...")
     max_models_per_worker: int = Field(2, ge=1, description="pipelines kept in memory per worker process")
 
-    # Admission limits: requests beyond them get a 4xx that names the limit.
-    max_steps: int = Field(100, ge=2)
-    max_images_per_job: int = Field(64, ge=1)
-    max_resolution: int = Field(1024, ge=8)
-    max_prompt_chars: int = Field(1000, ge=1)
+    # Admission limits: requests beyond them get a 4xx that names the limit. Those on requests take their
+    # defaults and floors from harmonica_core's `Limits`, which the CLI reads from the same variables.
+    max_steps: int = Field(**Limits.setting("max_steps"))
+    max_images_per_job: int = Field(**Limits.setting("max_images_per_job"))
+    max_resolution: int = Field(**Limits.setting("max_resolution"))
+    max_prompt_chars: int = Field(**Limits.setting("max_prompt_chars"))
     max_body_bytes: int = Field(65536, ge=1024)
     max_queue_depth: int = Field(100, ge=1, description="queued jobs per queue before POSTs get 429")
     max_active_jobs_per_key: int = Field(20, ge=1, description="queued or running jobs one API key may have")
-    max_train_iterations: int = Field(20000, ge=1)
-    max_train_batch_size: int = Field(64, ge=1)
-    max_eval_samples: int = Field(500, ge=1)
+    max_train_iterations: int = Field(**Limits.setting("max_train_iterations"))
+    max_train_batch_size: int = Field(**Limits.setting("max_train_batch_size"))
+    max_eval_samples: int = Field(**Limits.setting("max_eval_samples"))
 
     # Delivery and time limits (seconds). Hard limits kill the pool child; the visibility timeout
     # must exceed every hard limit, or a long job is handed to a second worker while it runs.
@@ -47,9 +50,21 @@ class Settings(BaseSettings):
     train_soft_time_limit: float = Field(6 * 3600, gt=0)
     train_time_limit: float = Field(6 * 3600 + 120, gt=0)
     visibility_timeout: float = Field(7 * 3600, gt=0)
-    restore_interval: float = Field(10, gt=0, description="seconds between sweeps that requeue a dead worker's jobs")
+    restore_interval: float = Field(
+        10, gt=0, description="seconds between the broker's sweeps returning messages older than the visibility timeout"
+    )
     max_deliveries: int = Field(3, ge=1, description="a job delivered more often than this fails")
     lease_seconds: float = Field(30, gt=0, description="a running job's lease; renewed while it runs")
+    reconcile_interval: float = Field(
+        15, gt=0, description="seconds between sweeps that re-enqueue jobs whose worker or message was lost"
+    )
+    redis_retry_seconds: float = Field(
+        300, gt=0, description="how long a worker retries writing a finished job's state while Redis is away"
+    )
+    retention_interval: float = Field(3600, gt=0, description="seconds between sweeps that delete expired jobs' files")
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="address of the workers' metrics endpoints (0.0.0.0 where Prometheus is remote)"
+    )
     job_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="how long finished job records are kept")
     worker_heartbeat_seconds: float = Field(5, gt=0)
     key_prefix: str = Field("harmonica:", description="prefix of every Redis key the service writes")

@@ -1,7 +1,8 @@
 """The worker's Celery app: shared configuration from `app.queue`, plus what the parent process does.
 
 The parent (never the pool children) serves Prometheus metrics merged from the children's files
-(multiprocess mode) and writes a heartbeat to Redis that `/readyz` and `harmonica_workers` read.
+(multiprocess mode), writes a heartbeat to Redis that `/readyz` and `harmonica_workers` read, and
+takes its turn running the reconciler (`app.reconcile`) and the deletion of expired jobs' files.
 It does not import torch: the tasks load models inside the children.
 """
 
@@ -12,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 import redis
 from celery.signals import (
@@ -25,7 +27,8 @@ from celery.signals import (
 
 from app.jobs import JobStore
 from app.logs import configure_logging
-from app.queue import make_celery
+from app.queue import enqueue, make_celery
+from app.reconcile import Reconciler, delete_expired_artifacts
 from app.settings import get_settings
 
 log = logging.getLogger("harmonica.worker")
@@ -45,6 +48,22 @@ def _heartbeat(name: str, queues: list[str]) -> None:
             log.warning("heartbeat failed: %s", error)
         if _stop.wait(interval):
             return
+
+
+def _reconcile() -> None:
+    """Sweep for lost jobs when this worker holds the turn; delete expired jobs' files now and then."""
+    reconciler = Reconciler(store, settings, lambda kind, job_id: enqueue(celery, kind, job_id))
+    next_retention = 0.0
+    while not _stop.wait(settings.reconcile_interval):
+        try:
+            reconciler.sweep_if_due()
+            if time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + settings.retention_interval
+                removed = delete_expired_artifacts(store, settings.artifacts_dir / "jobs", settings.retention_interval)
+                if removed:
+                    log.info("deleted the files of %d expired jobs", len(removed))
+        except Exception as error:  # Redis away, a broken message: the next turn tries again
+            log.warning("reconciler sweep failed: %s", error)
 
 
 @setup_logging.connect
@@ -68,11 +87,13 @@ def _start(sender, **_: object) -> None:  # type: ignore[no-untyped-def]
     port = int(os.environ.get("HARMONICA_WORKER_METRICS_PORT", "9101"))
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
-    start_http_server(port, registry=registry)
+    start_http_server(port, addr=settings.worker_metrics_host, registry=registry)
     queues = sorted(queue.name for queue in sender.app.amqp.queues.consume_from.values())
     name = sender.hostname or socket.gethostname()
     threading.Thread(target=_heartbeat, args=(name, queues), daemon=True).start()
-    log.info("worker %s consuming %s; metrics on :%d/metrics", name, ",".join(queues), port)
+    threading.Thread(target=_reconcile, daemon=True).start()
+    where = f"{settings.worker_metrics_host}:{port}"
+    log.info("worker %s consuming %s; metrics on %s/metrics", name, ",".join(queues), where)
 
 
 @worker_shutdown.connect
@@ -97,7 +118,8 @@ def _preload(**_: object) -> None:
             loaded.append(name)
         except Exception as error:  # a job for it will fail with the reason; the worker still serves others
             log.warning("could not preload model %s: %s", name, error)
-    store.mark_loaded(os.environ.get("HARMONICA_WORKER_NAME", socket.gethostname()), loaded)
+    name = os.environ.get("HARMONICA_WORKER_NAME", socket.gethostname())
+    store.mark_loaded(name, loaded, 3 * settings.worker_heartbeat_seconds)
 
 
 @worker_process_shutdown.connect

@@ -23,6 +23,7 @@ from harmonica_core.router import load_router
 from harmonica_core.sampling import GenerationRequest, generate
 from harmonica_core.schedules import NEEDS_ROUTER, make_plan
 from harmonica_core.training import TrainConfig, TrainProgress, train_and_save
+from harmonica_core.validation import Limits, RouterInfo, validate_generation, validate_training
 
 if TYPE_CHECKING:
     from .tasks import Report
@@ -54,13 +55,18 @@ def _write_png(image: Any, path: Path) -> None:
 
 
 def run_generation(job: Job, settings: Settings, report: Report) -> dict[str, Any]:
-    req, accel = job.request, job.request["acceleration"]
-    model = get_model(job.model, settings)
-    router = None
+    accel, entry = job.request["acceleration"], None
     if accel["method"] in NEEDS_ROUTER:
-        entry = RouterRegistry(settings.routers_dir).get(accel["router_id"])
+        entry = RouterRegistry(settings.routers_dir, job.owner).get(accel["router_id"])
         if entry is None:
             raise ValueError(f"router {accel['router_id']!r} no longer exists")
+    # The gateway's validation again (defence in depth): an InvalidRequest is a ValueError, so invalid_request.
+    info = None if entry is None else RouterInfo.from_metadata(entry.id, entry.metadata)
+    req = validate_generation(job.request, Limits.of(settings), info)
+    accel = req["acceleration"]
+    model = get_model(job.model, settings)
+    router = None
+    if entry is not None:
         router, _ = load_router(entry.path, model.router_target(req["scheduler"], req["steps"]))
     plan = make_plan(
         accel["method"], req["steps"], len(model.branch_layout), router=router,
@@ -93,7 +99,7 @@ def run_generation(job: Job, settings: Settings, report: Report) -> dict[str, An
 
 
 def run_training(job: Job, settings: Settings, report: Report) -> dict[str, Any]:
-    req = job.request
+    req = validate_training(job.request, Limits.of(settings))  # the gateway's checks again
     config = TrainConfig(**{name: req[name] for name in TrainConfig.__dataclass_fields__ if name in req})
     config.validate()
     model = get_model(job.model, settings)
@@ -111,7 +117,7 @@ def run_training(job: Job, settings: Settings, report: Report) -> dict[str, Any]
         model, config, work / "router.safetensors", None, req["eval_samples"], progress, work / "checkpoint.pt"
     )
     router_id = trained_router_id(req.get("name"), job.id)
-    target = RouterRegistry(settings.routers_dir).path_for(router_id)
+    target = RouterRegistry(settings.routers_dir, job.owner).path_for(router_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(work / "router.safetensors", target)  # appears in the registry whole, or not at all
     (work / "checkpoint.pt").unlink(missing_ok=True)

@@ -5,6 +5,11 @@ counts itself (past `max_deliveries` the job fails instead of looping on a poiso
 job's lease (so a duplicate delivery never runs beside a live copy), moves the record to `running`
 unless it is final already (a canceled queued job never runs), runs, and writes exactly one final
 state. Progress and cancellation travel through the core's callbacks.
+
+Redis may go away mid-job (a restart): the job runs on without progress writes, and its final
+state is retried with backoff until Redis returns. A run that finds its lease taken by another
+holder (the reconciler gave the job to another worker while this one was cut off) stops without
+writing anything, so a job is never finished by two runs.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from contextlib import suppress
+from typing import Any, TypeVar
 
+import redis
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import Task
 
 from app import metrics
-from app.jobs import Job, JobStore, now
+from app.jobs import ACTIVE_STATES, Job, JobStore, now
 from app.settings import Settings, get_settings
 
 from .celery_app import celery, store
@@ -30,22 +37,47 @@ log = logging.getLogger("harmonica.worker")
 PROGRESS_INTERVAL = 0.2  # seconds between progress writes; cancellation is checked at every step
 Report = Callable[[dict[str, Any]], None]  # progress -> job record; raises the core's *Cancelled to stop
 Work = Callable[[Job, Settings, Report], dict[str, Any]]  # runner.run_generation / run_training
+T = TypeVar("T")
+
+
+class LeaseLost(Exception):
+    """Another holder has this job's lease: this run must stop and write nothing."""
 
 
 class JobTask(Task):
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Runs in the worker's parent after a hard time limit killed the child: the job must still end."""
-        job = store.get(task_id) if isinstance(exc, TimeLimitExceeded) else None
+        job = persist(lambda: store.get(task_id)) if isinstance(exc, TimeLimitExceeded) else None
         if job is not None:
             finish(job, "failed", error={"code": "timeout", "message": f"killed at the hard time limit ({exc})"})
 
 
+def persist(write: Callable[[], T], seconds: float | None = None) -> T:
+    """Run a Redis call, retrying with exponential backoff (0.1 s to 5 s) while Redis is unreachable."""
+    deadline = time.monotonic() + (get_settings().redis_retry_seconds if seconds is None else seconds)
+    delay = 0.1
+    while True:
+        try:
+            return write()
+        except redis.ConnectionError as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("redis unreachable (%s); retrying in %.1f s", error, delay)
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+
 class Lease:
-    """Holds the job's lease and renews it from a thread while the job runs."""
+    """Holds the job's lease and renews it from a thread while the job runs.
+
+    A renewal that meets a Redis error tries again at the next tick; one that finds another holder
+    marks the lease lost, which stops the run at its next progress report.
+    """
 
     def __init__(self, store: JobStore, job_id: str, seconds: float) -> None:
         self.store, self.job_id, self.seconds = store, job_id, seconds
         self.token = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, daemon=True)
 
@@ -57,36 +89,54 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.seconds / 3):
-            self.store.renew_lease(self.job_id, self.token, self.seconds)
+            try:
+                if not self.store.renew_lease(self.job_id, self.token, self.seconds):
+                    self.lost = True
+                    log.warning("job %s: lease taken by another holder; stopping this run", self.job_id)
+                    return
+            except redis.RedisError as error:
+                log.warning("job %s: lease renewal failed (%s); retrying", self.job_id, error)
 
     def release(self) -> None:
         self._stop.set()
-        self.store.release_lease(self.job_id, self.token)
+        with suppress(redis.RedisError):  # unreachable: the lease expires by itself
+            self.store.release_lease(self.job_id, self.token)
 
 
-def reporter(job: Job, cancel_error: type[Exception]) -> Report:
-    """Progress callback: checks the cancel flag each call, writes progress at most every 0.2 s."""
+def reporter(store: JobStore, job: Job, lease: Lease, cancel_error: type[Exception]) -> Report:
+    """Progress callback: checks the cancel flag and the lease each call, writes progress at most every 0.2 s.
+
+    Progress never goes backwards: a redelivered job replays from its start or its last checkpoint,
+    and its record keeps the furthest step or iteration reached until the rerun passes it. While
+    Redis is unreachable the job runs on unreported (and cannot be canceled).
+    """
     last = 0.0
+    furthest = job.progress.get("step", job.progress.get("iteration", 0))
 
     def report(progress: dict[str, Any]) -> None:
-        nonlocal last
-        if store.cancel_requested(job.id):
-            raise cancel_error(f"job {job.id} canceled")
-        at = time.monotonic()
-        final = progress.get("step", progress.get("iteration")) == progress["total"]
-        if final or at - last >= PROGRESS_INTERVAL:
-            store.update(job.id, progress=progress)
-            last = at
+        nonlocal last, furthest
+        if lease.lost:
+            raise LeaseLost(job.id)
+        try:
+            if store.cancel_requested(job.id):
+                raise cancel_error(f"job {job.id} canceled")
+            at = time.monotonic()
+            done = progress.get("step", progress.get("iteration"))
+            if done > furthest and (done == progress["total"] or at - last >= PROGRESS_INTERVAL):
+                store.update(job.id, progress=progress)
+                last, furthest = at, done
+        except redis.RedisError as error:
+            log.warning("job %s: progress not written (%s)", job.id, error)
 
     return report
 
 
 def finish(job: Job, status: str, **fields: Any) -> None:
-    """Write the final state once; count and time it only if this call made it final."""
+    """Write the final state once (retried while Redis is away); count and time it only if this call made it
+    final."""
     finished_at = now()
-    if store.transition(job.id, ("queued", "running"), status, finished_at=finished_at, **fields) not in (
-        "queued", "running",
-    ):  # fmt: skip
+    found = persist(lambda: store.transition(job.id, ACTIVE_STATES, status, finished_at=finished_at, **fields))
+    if found not in ACTIVE_STATES:
         return
     metrics.JOBS_COMPLETED.labels(job.kind, job.model, status).inc()
     log.info("job %s %s", job.id, status, extra={"job_id": job.id, "kind": job.kind, "model": job.model,
@@ -118,21 +168,23 @@ def execute(task: Task, job_id: str, work: Work, cancel_error: type[Exception]) 
             finish(job, "canceled")
             return
         started_at = job.started_at or now()
-        if store.transition(job_id, ("queued", "running"), "running", started_at=started_at) is None:
-            return
+        if store.transition(job_id, ACTIVE_STATES, "running", started_at=started_at) not in ACTIVE_STATES:
+            return  # canceled (or gone) since the look above
         if job.started_at is None:
             metrics.QUEUE_TIME.labels(job.kind, job.model).observe(started_at - job.created_at)
             job.started_at = started_at
-        run(job, work, cancel_error, settings)
+        run(job, work, lease, cancel_error, settings)
     finally:
         lease.release()
 
 
-def run(job: Job, work: Work, cancel_error: type[Exception], settings: Settings) -> None:
+def run(job: Job, work: Work, lease: Lease, cancel_error: type[Exception], settings: Settings) -> None:
     in_progress = metrics.JOBS_IN_PROGRESS.labels(job.kind)
     in_progress.inc()
     try:
-        result = work(job, settings, reporter(job, cancel_error))
+        result = work(job, settings, reporter(store, job, lease, cancel_error))
+    except LeaseLost:
+        log.warning("job %s: stopped, another run holds it now", job.id)
     except cancel_error:
         finish(job, "canceled")
     except SoftTimeLimitExceeded:
