@@ -1,2 +1,2 @@
-"""The HTTP gateway (FastAPI) and the torch-free contract it shares with the workers: settings, job
-records, queue configuration, router registry and metric definitions."""
+"""The service around `harmonica_core`: the FastAPI gateway (`main`, `api/`), the torch-free contract it shares
+with the workers (`contract/`), and the local launcher (`run`, `embedded_redis`, `logs`)."""

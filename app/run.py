@@ -1,4 +1,4 @@
-"""`make run` (`python -m app.run`): the gateway and two workers (generation, training) on this machine.
+"""`make run` (`python -m app.run`): the gateway and a worker per queue (generation, training) on this machine.
 
 Redis: `REDIS_URL` if set, else one answering on localhost:6379, else an embedded redis-server
 (data under var/redis). Ctrl-C (SIGINT) or SIGTERM stops the workers (warm: the running job
@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .contract.kinds import QUEUES
 from .embedded_redis import LOCAL_URL, EmbeddedRedis, answers, free_port
 
 
@@ -77,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if not env.get("HARMONICA_API_KEYS") and not env.get("HARMONICA_API_KEYS_FILE"):
         say("no API keys configured: the API is open to anyone who can reach it (fine on localhost)")
     python = sys.executable
-    workers = [
-        [python, "-m", "worker", "--queues", queue, "--metrics-port", str(free_port())] for queue in ("gen", "train")
-    ]
+    workers = [[python, "-m", "worker", "--queues", queue, "--metrics-port", str(free_port())] for queue in QUEUES]
     gateway = [python, "-m", "uvicorn", "app.main:app", "--host", args.host, "--port", str(args.port)]
     processes: list[subprocess.Popen[bytes]] = []
     interrupted = False

@@ -17,21 +17,24 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from app.contract.kinds import KINDS, QUEUES
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--queues", default="gen,train", help="comma-separated: gen (generation), train (training)")
+    kinds = ", ".join(f"{kind.queue} ({kind.description})" for kind in KINDS.values())
+    parser.add_argument("--queues", default=",".join(QUEUES), help=f"comma-separated: {kinds}")
     parser.add_argument("--metrics-port", type=int, default=9101, help="Prometheus endpoint of this worker")
     parser.add_argument("--concurrency", type=int, default=1, help="pool processes (one per GPU is the rule)")
     parser.add_argument("--name", help="Celery node name (default: <queues>-<pid>@<host>)")
     parser.add_argument("--loglevel", default="info")
     args = parser.parse_args(argv)
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = sorted(set(queues) - {"gen", "train"})
+    unknown = sorted(set(queues) - set(QUEUES))
     if not queues or unknown:
-        parser.error(f"--queues takes gen and/or train, got {args.queues!r}")
+        parser.error(f"--queues takes one or more of {', '.join(QUEUES)}, got {args.queues!r}")
 
-    from app.settings import get_settings
+    from app.contract.settings import get_settings
 
     try:
         get_settings()
@@ -47,11 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="harmonica-metrics-")
     os.environ["HARMONICA_WORKER_METRICS_PORT"] = str(args.metrics_port)
     name = args.name or f"{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
-    command = [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app:celery", "worker", "--queues", ",".join(queues),
-        "--concurrency", str(args.concurrency), "--pool", "prefork", "--hostname", name, "--loglevel", args.loglevel,
-        "--without-gossip", "--without-mingle",
-    ]  # fmt: skip
+    command = [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery", "worker", "--pool", "prefork"]
+    command += ["--queues", ",".join(queues), "--concurrency", str(args.concurrency), "--hostname", name]
+    command += ["--loglevel", args.loglevel, "--without-gossip", "--without-mingle"]
     os.execv(sys.executable, command)
     return 0  # not reached
 

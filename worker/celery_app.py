@@ -1,9 +1,10 @@
-"""The worker's Celery app: shared configuration from `app.queue`, plus what the parent process does.
+"""The worker's Celery app: shared configuration from `app.contract.queue`, plus what the parent process does.
 
 The parent (never the pool children) serves Prometheus metrics merged from the children's files
 (multiprocess mode), writes a heartbeat to Redis that `/readyz` and `harmonica_workers` read, and
-takes its turn running the reconciler (`app.reconcile`) and the deletion of expired jobs' files.
-It does not import torch: the tasks load models inside the children.
+takes its turn running the reconciler (`app.contract.reconcile`) and the deletion of expired jobs' files.
+It does not import torch: the children load the models (`worker.runner`, imported at their start) and
+Celery imports `worker.tasks`, which registers the tasks on this app.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from app.jobs import JobStore
+from app.contract.jobs import JobStore
+from app.contract.queue import enqueue, make_celery
+from app.contract.reconcile import Reconciler, delete_expired_artifacts
+from app.contract.settings import get_settings
 from app.logs import configure_logging
-from app.queue import enqueue, make_celery
-from app.reconcile import Reconciler, delete_expired_artifacts
-from app.settings import get_settings
+
+from . import telemetry
 
 log = logging.getLogger("harmonica.worker")
 settings = get_settings()
@@ -56,7 +59,9 @@ def _reconcile() -> None:
     next_retention = 0.0
     while not _stop.wait(settings.reconcile_interval):
         try:
-            reconciler.sweep_if_due()
+            sweep = reconciler.sweep_if_due()
+            if sweep is not None:
+                telemetry.record_sweep(sweep)
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + settings.retention_interval
                 removed = delete_expired_artifacts(store, settings.artifacts_dir / "jobs", settings.retention_interval)
@@ -106,11 +111,9 @@ def _stop_heartbeat(sender, **_: object) -> None:  # type: ignore[no-untyped-def
 @worker_process_init.connect
 def _preload(**_: object) -> None:
     """Load the served models in each pool child before its first job, so jobs never pay for it."""
-    from app.metrics import precreate_worker_series
-
     from .runner import get_model
 
-    precreate_worker_series(settings.model_names)
+    telemetry.precreate(settings.model_names)
     loaded = []
     for name in settings.model_names[: settings.max_models_per_worker]:
         try:

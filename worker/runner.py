@@ -1,4 +1,4 @@
-"""The torch side of a worker: models kept per process, and the two kinds of job run with the core.
+"""The torch side of a worker: models kept per process, and a runner per job kind (`RUNNERS`).
 
 Imported only inside pool children (by the tasks, at run time), so the Celery parent never
 initializes CUDA before it forks (serving.md §1.2).
@@ -10,25 +10,26 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from app import metrics
-from app.jobs import Job
-from app.registry import RouterRegistry, trained_router_id
-from app.settings import Settings
-from harmonica_core.images import grid, to_pil
+from app.contract.jobs import Job
+from app.contract.registry import RouterRegistry, trained_router_id
+from app.contract.settings import Settings
+from harmonica_core.cache.methods import NEEDS_ROUTER, plan_from_request
+from harmonica_core.images import save_images
 from harmonica_core.models import Model, load_model
 from harmonica_core.router import load_router
-from harmonica_core.sampling import GenerationRequest, generate
-from harmonica_core.schedules import NEEDS_ROUTER, make_plan
-from harmonica_core.training import TrainConfig, TrainProgress, train_and_save
+from harmonica_core.sampling import GenerationCancelled, GenerationRequest, generate
+from harmonica_core.train_config import TrainConfig
+from harmonica_core.training import TrainingCancelled, TrainProgress, train_and_save
 from harmonica_core.validation import Limits, RouterInfo, validate_generation, validate_training
 
-if TYPE_CHECKING:
-    from .tasks import Report
+from . import telemetry
 
 log = logging.getLogger("harmonica.worker")
+Report = Callable[[dict[str, Any]], None]  # progress -> job record; raises the runner's `cancelled` to stop
 
 _models: OrderedDict[str, Model] = OrderedDict()
 
@@ -40,18 +41,11 @@ def get_model(name: str, settings: Settings) -> Model:
         return _models[name]
     start = time.perf_counter()
     model = load_model(name, device=settings.device)
-    metrics.MODEL_LOAD_TIME.labels(name).observe(time.perf_counter() - start)
+    telemetry.record_model_load(name, time.perf_counter() - start)
     _models[name] = model
     while len(_models) > settings.max_models_per_worker:
         _models.popitem(last=False)
     return model
-
-
-def _write_png(image: Any, path: Path) -> None:
-    """Write then rename, so a reader (or a redelivered run) never sees half a file."""
-    tmp = path.with_suffix(".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def run_generation(job: Job, settings: Settings, report: Report) -> dict[str, Any]:
@@ -68,34 +62,13 @@ def run_generation(job: Job, settings: Settings, report: Report) -> dict[str, An
     router = None
     if entry is not None:
         router, _ = load_router(entry.path, model.router_target(req["scheduler"], req["steps"]))
-    plan = make_plan(
-        accel["method"], req["steps"], len(model.branch_layout), router=router,
-        threshold=accel["threshold"] if accel["threshold"] is not None else 0.1, interval=accel["interval"],
-    )  # fmt: skip
-    request = GenerationRequest(
-        class_labels=req["class_labels"], prompts=req["prompts"], num_images_per_prompt=req["num_images"],
-        steps=req["steps"], scheduler=req["scheduler"], guidance=req["guidance"], seed=req["seed"],
-        height=req["height"], width=req["width"],
-    )  # fmt: skip
+    plan = plan_from_request(accel, req["steps"], model.branch_layout, router)
+    request = GenerationRequest.from_request(req)
     result = generate(model, request, plan, lambda done, total: report({"step": done, "total": total}))
-    out = settings.job_dir(job.id)
-    out.mkdir(parents=True, exist_ok=True)
-    names = []
-    for index, image in enumerate(to_pil(result.images)):
-        names.append(f"{index:03d}.png")
-        _write_png(image, out / names[-1])
-    # One labelled sheet for people: a column per class label or prompt, tiles at least 64 px.
-    sheet = grid(result.images, result.labels, req["num_images"], scale=max(1, 64 // result.images.shape[-1]))
-    _write_png(sheet, out / "grid.png")
-    stats = result.stats
+    names = save_images(result.images, result.labels, req["num_images"], settings.job_dir(job.id))
     method = accel["method"]
-    for seconds in stats.step_seconds:
-        metrics.STEP_TIME.labels(job.model, method).observe(seconds)
-    metrics.BRANCH_EVALUATIONS.labels(job.model, method, "computed").inc(stats.computed)
-    metrics.BRANCH_EVALUATIONS.labels(job.model, method, "reused").inc(stats.reused)
-    metrics.THEORETICAL_SPEEDUP.labels(job.model, method).observe(stats.theoretical_speedup)
-    metrics.IMAGES_GENERATED.labels(job.model).inc(len(names))
-    return {"images": names, "grid": "grid.png", "captions": result.labels, "method": method, **stats.as_dict()}
+    telemetry.record_generation(job.model, method, result.stats, len(names))
+    return {"images": names, "grid": "grid.png", "captions": result.labels, "method": method, **result.stats.as_dict()}
 
 
 def run_training(job: Job, settings: Settings, report: Report) -> dict[str, Any]:
@@ -107,8 +80,7 @@ def run_training(job: Job, settings: Settings, report: Report) -> dict[str, Any]
     work.mkdir(parents=True, exist_ok=True)
 
     def progress(p: TrainProgress) -> None:  # called once per router update, also after a resume
-        metrics.TRAIN_ITERATIONS.labels(job.model, config.objective).inc()
-        metrics.TRAIN_LOSS.labels(job.model, config.objective).set(p.loss)
+        telemetry.record_training_update(job.model, config.objective, p.loss)
         report({"iteration": p.iteration, "total": p.total, "loss": p.loss, "cache_usage_rate": p.cache_usage_rate})
 
     start = time.perf_counter()
@@ -122,5 +94,20 @@ def run_training(job: Job, settings: Settings, report: Report) -> dict[str, Any]
     os.replace(work / "router.safetensors", target)  # appears in the registry whole, or not at all
     (work / "checkpoint.pt").unlink(missing_ok=True)
     seconds = time.perf_counter() - start
-    metrics.TRAIN_TIME.labels(job.model, config.objective).observe(seconds)
+    telemetry.record_training(job.model, config.objective, seconds)
     return {"router_id": router_id, "quality": quality, "training_seconds": round(seconds, 3)}
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How a job kind runs: the function, and the exception its `report` raises to stop it (cancellation)."""
+
+    run: Callable[[Job, Settings, Report], dict[str, Any]]
+    cancelled: type[Exception]
+
+
+# One entry per job kind of `app.contract.kinds.KINDS`; `worker.tasks` registers a Celery task for each kind.
+RUNNERS: dict[str, Runner] = {
+    "generate": Runner(run_generation, GenerationCancelled),
+    "train_router": Runner(run_training, TrainingCancelled),
+}

@@ -1,4 +1,4 @@
-"""The two Celery tasks and the delivery protocol they share.
+"""The Celery tasks, one per job kind, and the delivery protocol they share.
 
 A message carries only the job id; the job record in Redis says what to do. Each delivery:
 counts itself (past `max_deliveries` the job fails instead of looping on a poison job), takes the
@@ -10,6 +10,9 @@ Redis may go away mid-job (a restart): the job runs on without progress writes, 
 state is retried with backoff until Redis returns. A run that finds its lease taken by another
 holder (the reconciler gave the job to another worker while this one was cut off) stops without
 writing anything, so a job is never finished by two runs.
+
+The tasks come from the job kinds' table (`app.contract.kinds`); what each runs is `worker.runner.RUNNERS`,
+imported in the pool child when a job arrives, so the parent never imports torch.
 """
 
 from __future__ import annotations
@@ -21,22 +24,24 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery import Task
 
-from app import metrics
-from app.jobs import ACTIVE_STATES, Job, JobStore, now
-from app.settings import Settings, get_settings
+from app.contract.jobs import ACTIVE_STATES, Job, JobStore, now
+from app.contract.kinds import KINDS, JobKind
+from app.contract.settings import Settings, get_settings
 
+from . import telemetry
 from .celery_app import celery, store
+
+if TYPE_CHECKING:
+    from .runner import Report, Runner
 
 log = logging.getLogger("harmonica.worker")
 PROGRESS_INTERVAL = 0.2  # seconds between progress writes; cancellation is checked at every step
-Report = Callable[[dict[str, Any]], None]  # progress -> job record; raises the core's *Cancelled to stop
-Work = Callable[[Job, Settings, Report], dict[str, Any]]  # runner.run_generation / run_training
 T = TypeVar("T")
 
 
@@ -138,15 +143,12 @@ def finish(job: Job, status: str, **fields: Any) -> None:
     found = persist(lambda: store.transition(job.id, ACTIVE_STATES, status, finished_at=finished_at, **fields))
     if found not in ACTIVE_STATES:
         return
-    metrics.JOBS_COMPLETED.labels(job.kind, job.model, status).inc()
-    log.info("job %s %s", job.id, status, extra={"job_id": job.id, "kind": job.kind, "model": job.model,
-                                                 "status": status, "error": fields.get("error")})  # fmt: skip
-    metrics.E2E_LATENCY.labels(job.kind, job.model).observe(finished_at - job.created_at)
-    if job.started_at is not None:
-        metrics.INFERENCE_TIME.labels(job.kind, job.model).observe(finished_at - job.started_at)
+    telemetry.record_finish(job, status, finished_at)
+    extra = {"job_id": job.id, "kind": job.kind, "model": job.model, "status": status, "error": fields.get("error")}
+    log.info("job %s %s", job.id, status, extra=extra)
 
 
-def execute(task: Task, job_id: str, work: Work, cancel_error: type[Exception]) -> None:
+def execute(task: Task, job_id: str, runner: Runner) -> None:
     settings = get_settings()
     job = store.get(job_id)
     if job is None or job.final:  # expired, canceled while queued, or a late duplicate of a finished job
@@ -157,12 +159,10 @@ def execute(task: Task, job_id: str, work: Work, cancel_error: type[Exception]) 
         raise task.retry(countdown=settings.lease_seconds, max_retries=None)
     try:
         deliveries = store.count_delivery(job_id)
-        if deliveries > 1:
-            metrics.REDELIVERIES.labels(job.kind).inc()
+        telemetry.record_delivery(job, deliveries)
         if deliveries > settings.max_deliveries:
-            finish(job, "failed", error={"code": "redelivery_limit", "message": (
-                f"delivered {deliveries} times: its worker died each time (out of memory?); not retried again"
-            )})  # fmt: skip
+            why = f"delivered {deliveries} times: its worker died each time (out of memory?); not retried again"
+            finish(job, "failed", error={"code": "redelivery_limit", "message": why})
             return
         if store.cancel_requested(job_id):
             finish(job, "canceled")
@@ -171,48 +171,41 @@ def execute(task: Task, job_id: str, work: Work, cancel_error: type[Exception]) 
         if store.transition(job_id, ACTIVE_STATES, "running", started_at=started_at) not in ACTIVE_STATES:
             return  # canceled (or gone) since the look above
         if job.started_at is None:
-            metrics.QUEUE_TIME.labels(job.kind, job.model).observe(started_at - job.created_at)
+            telemetry.record_start(job, started_at)
             job.started_at = started_at
-        run(job, work, lease, cancel_error, settings)
+        run(job, runner, lease, settings)
     finally:
         lease.release()
 
 
-def run(job: Job, work: Work, lease: Lease, cancel_error: type[Exception], settings: Settings) -> None:
-    in_progress = metrics.JOBS_IN_PROGRESS.labels(job.kind)
-    in_progress.inc()
-    try:
-        result = work(job, settings, reporter(store, job, lease, cancel_error))
-    except LeaseLost:
-        log.warning("job %s: stopped, another run holds it now", job.id)
-    except cancel_error:
-        finish(job, "canceled")
-    except SoftTimeLimitExceeded:
-        finish(job, "failed", error={"code": "timeout", "message": "the job ran past its soft time limit"})
-    except (ValueError, FileNotFoundError) as error:  # what the core raises for requests it cannot run
-        finish(job, "failed", error={"code": "invalid_request", "message": str(error)})
-    except Exception as error:
-        log.exception("job %s failed", job.id)
-        finish(job, "failed", error={"code": "internal", "message": f"{type(error).__name__}: {error}"})
-    else:
-        finish(job, "succeeded", result=result)
-    finally:
-        in_progress.dec()
+def run(job: Job, runner: Runner, lease: Lease, settings: Settings) -> None:
+    with telemetry.in_progress(job.kind):
+        try:
+            result = runner.run(job, settings, reporter(store, job, lease, runner.cancelled))
+        except LeaseLost:
+            log.warning("job %s: stopped, another run holds it now", job.id)
+        except runner.cancelled:
+            finish(job, "canceled")
+        except SoftTimeLimitExceeded:
+            finish(job, "failed", error={"code": "timeout", "message": "the job ran past its soft time limit"})
+        except (ValueError, FileNotFoundError) as error:  # what the core raises for requests it cannot run
+            finish(job, "failed", error={"code": "invalid_request", "message": str(error)})
+        except Exception as error:
+            log.exception("job %s failed", job.id)
+            finish(job, "failed", error={"code": "internal", "message": f"{type(error).__name__}: {error}"})
+        else:
+            finish(job, "succeeded", result=result)
 
 
-@celery.task(name="harmonica.generate", bind=True, base=JobTask)
-def generate_task(self: Task, job_id: str) -> None:
-    from harmonica_core.sampling import GenerationCancelled
+def register(kind: JobKind) -> Task:
+    """The kind's Celery task; its runner is looked up in the pool child when a job arrives."""
 
-    from .runner import run_generation
+    def run_job(self: Task, job_id: str) -> None:
+        from .runner import RUNNERS
 
-    execute(self, job_id, run_generation, GenerationCancelled)
+        execute(self, job_id, RUNNERS[kind.name])
+
+    return celery.task(name=kind.task, bind=True, base=JobTask)(run_job)
 
 
-@celery.task(name="harmonica.train_router", bind=True, base=JobTask)
-def train_router_task(self: Task, job_id: str) -> None:
-    from harmonica_core.training import TrainingCancelled
-
-    from .runner import run_training
-
-    execute(self, job_id, run_training, TrainingCancelled)
+TASKS: dict[str, Task] = {name: register(kind) for name, kind in KINDS.items()}

@@ -1,6 +1,6 @@
 """API keys: only SHA-256 hashes are configured; a request's bearer key is hashed and looked up.
 
-`python -m app.keys NAME` prints a fresh key (give it to the user) and the `NAME:sha256` line to
+`python -m app.api.keys NAME` prints a fresh key (give it to the user) and the `NAME:sha256` line to
 put in `HARMONICA_API_KEYS` or the file named by `HARMONICA_API_KEYS_FILE`.
 """
 
@@ -12,10 +12,9 @@ import re
 import secrets
 import sys
 
-from .settings import Settings
+from app.contract.registry import KEY_NAME
+from app.contract.settings import Settings
 
-# A key's name owns its jobs and names its router folder (`routers/<name>/`): never `.`, `..` or hidden.
-KEY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 _ENTRY = re.compile(rf"^(?P<name>{KEY_NAME.pattern}):(?P<digest>[0-9a-f]{{64}})$")
 
 
@@ -34,7 +33,8 @@ def load_keys(settings: Settings) -> dict[str, str]:
             continue
         match = _ENTRY.match(line)
         if match is None:
-            raise ValueError(f"API key entry {line[:20]!r}... is not `name:<64 hex sha256>`; see `python -m app.keys`")
+            hint = "see `python -m app.api.keys`"
+            raise ValueError(f"API key entry {line[:20]!r}... is not `name:<64 hex sha256>`; {hint}")
         keys[match["digest"]] = match["name"]
     return keys
 
@@ -50,7 +50,8 @@ def identify(keys: dict[str, str], presented: str) -> str | None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not KEY_NAME.fullmatch(argv[0]):
-        print("usage: python -m app.keys NAME   (NAME: letters, digits, _ . -, not starting with .)", file=sys.stderr)
+        usage = "usage: python -m app.api.keys NAME   (NAME: letters, digits, _ . -, not starting with .)"
+        print(usage, file=sys.stderr)
         return 2
     key = "hk_" + secrets.token_urlsafe(32)
     print(f"key (give to the client; it is not stored): {key}")

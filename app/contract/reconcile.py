@@ -35,9 +35,8 @@ from pathlib import Path
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
-from . import metrics
 from .jobs import JobStore
-from .queue import QUEUES
+from .kinds import QUEUES
 from .settings import Settings
 
 log = logging.getLogger("harmonica.reconciler")
@@ -46,21 +45,20 @@ UNACKED_LEASES = 3  # a message delivered this many leases ago whose job has not
 
 @dataclass
 class Sweep:
-    """What one sweep saw and did."""
+    """What one sweep saw and did (the worker records `recovered` as metrics)."""
 
     live: int = 0
     suspects: int = 0
     requeued: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
+    recovered: list[tuple[str, str]] = field(default_factory=list)  # (kind, reason) per re-enqueued job
 
 
 def message_job_ids(client: redis.Redis, unacked_since: float = 0.0) -> set[str]:
     """Job ids carried by a message waiting in a queue, or delivered to a worker at or after `unacked_since`
     and not yet acked (kombu's Redis layout: queue lists, and the `unacked` hash indexed by delivery time)."""
     queues = [
-        name if priority == 0 else f"{name}{Channel.sep}{priority}"
-        for name in QUEUES.values()
-        for priority in PRIORITY_STEPS
+        name if priority == 0 else f"{name}{Channel.sep}{priority}" for name in QUEUES for priority in PRIORITY_STEPS
     ]
     pipe = client.pipeline(transaction=False)
     for queue in queues:
@@ -78,7 +76,7 @@ def message_job_ids(client: redis.Redis, unacked_since: float = 0.0) -> set[str]
 
 class Reconciler:
     def __init__(self, store: JobStore, settings: Settings, send: Callable[[str, str], None]) -> None:
-        """`send(kind, job_id)` enqueues a job's message (`app.queue.enqueue` on a Celery app)."""
+        """`send(kind, job_id)` enqueues a job's message (`app.contract.queue.enqueue` on a Celery app)."""
         self.store, self.settings, self.send = store, settings, send
         self.redis = store.redis
         self.suspects_key = f"{store.prefix}orphans"  # job id -> when it was first seen orphaned
@@ -131,7 +129,7 @@ class Reconciler:
             report.resent.append(job_id)
             reason = "message_lost"
         self.send(kind, job_id)
-        metrics.JOBS_RECOVERED.labels(kind, reason).inc()
+        report.recovered.append((kind, reason))
         log.warning("job %s re-enqueued (%s)", job_id, reason, extra={"job_id": job_id, "kind": kind})
 
 

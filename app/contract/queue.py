@@ -2,19 +2,15 @@
 
 The gateway only sends tasks by name; `worker.tasks` registers them. Both build the app from this
 one function so the Redis transport options (the visibility timeout above all) are identical
-everywhere (serving.md §1.5, §1.14).
+everywhere (serving.md §1.5, §1.14). Routes and time limits come from the job kinds' table.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
+from .kinds import KINDS, QUEUES
 from .settings import Settings
-
-GENERATE_TASK = "harmonica.generate"
-TRAIN_TASK = "harmonica.train_router"
-QUEUES = {"generate": "gen", "train_router": "train"}
-TASKS = {"generate": GENERATE_TASK, "train_router": TRAIN_TASK}
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -27,8 +23,8 @@ def make_celery(settings: Settings) -> Celery:
     }
     celery = Celery("harmonica", broker=settings.redis_url)
     celery.conf.update(
-        task_default_queue=QUEUES["generate"],
-        task_routes={GENERATE_TASK: {"queue": QUEUES["generate"]}, TRAIN_TASK: {"queue": QUEUES["train_router"]}},
+        task_default_queue=QUEUES[0],  # every task has its route; this only names a queue for strays
+        task_routes={kind.task: {"queue": kind.queue} for kind in KINDS.values()},
         task_ignore_result=True,  # the job record in Redis is the result
         task_acks_late=True,  # a message is acked after its job ends: a dead worker's job is delivered again
         task_reject_on_worker_lost=True,  # a killed pool child requeues; our delivery counter stops loops
@@ -45,14 +41,11 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         visibility_timeout=settings.visibility_timeout,
-        task_annotations={
-            GENERATE_TASK: {"soft_time_limit": settings.gen_soft_time_limit, "time_limit": settings.gen_time_limit},
-            TRAIN_TASK: {"soft_time_limit": settings.train_soft_time_limit, "time_limit": settings.train_time_limit},
-        },
+        task_annotations={kind.task: kind.time_limits(settings) for kind in KINDS.values()},
     )
     return celery
 
 
 def enqueue(celery: Celery, kind: str, job_id: str) -> None:
     """Send a job's message: the task id is the job id, so every copy of a job's message names it."""
-    celery.send_task(TASKS[kind], args=[job_id], task_id=job_id, queue=QUEUES[kind])
+    celery.send_task(KINDS[kind].task, args=[job_id], task_id=job_id, queue=KINDS[kind].queue)

@@ -18,7 +18,6 @@ import redis
 
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("succeeded", "failed", "canceled")
-KINDS = ("generate", "train_router")
 JSON_FIELDS = ("request", "progress", "result", "error")
 
 # Every script below keeps four indexes in step with the record, in the same atomic call:

@@ -7,17 +7,14 @@ a metric but PromQL over `harmonica_branch_evaluations_total`:
       / sum by (model, method) (rate(harmonica_branch_evaluations_total[5m]))
 
 Workers run a prefork pool, so they export through prometheus-client's multiprocess mode
-(`PROMETHEUS_MULTIPROC_DIR`, set by `python -m worker` before this module is imported).
+(`PROMETHEUS_MULTIPROC_DIR`, set by `python -m worker` before this module is imported). Each side
+writes them from one module: `app.api.telemetry` in the gateway, `worker.telemetry` in the workers
+both create their label sets at zero from the job kinds' table.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
-
-from harmonica_core.catalog import OBJECTIVES
-from harmonica_core.schedules import METHODS
-
-from .jobs import FINAL_STATES, KINDS
 
 # Image jobs take sub-second (digits on a CPU) to minutes (PixArt 1024 px); training takes hours.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1800, 3600)
@@ -76,45 +73,14 @@ JOBS_RECOVERED = Counter(
 RECOVERY_REASONS = ("worker_lost", "message_lost")
 TRAIN_ITERATIONS = Counter("harmonica_router_training_iterations_total", "Router updates done", ["model", "objective"])
 TRAIN_LOSS = Gauge(
-    "harmonica_router_training_loss", "Loss of the latest router update", ["model", "objective"],
+    "harmonica_router_training_loss",
+    "Loss of the latest router update",
+    ["model", "objective"],
     multiprocess_mode="mostrecent",
-)  # fmt: skip
+)
 TRAIN_TIME = Histogram(
-    "harmonica_router_training_seconds", "Duration of a finished router training", ["model", "objective"],
+    "harmonica_router_training_seconds",
+    "Duration of a finished router training",
+    ["model", "objective"],
     buckets=LATENCY_BUCKETS,
-)  # fmt: skip
-
-
-def precreate_gateway_series(models: list[str]) -> None:
-    """Create label sets at zero, so `rate()` counts a process's first event and panels start at 0."""
-    for kind in KINDS:
-        for model in models:
-            JOBS_SUBMITTED.labels(kind, model)
-            for status in FINAL_STATES:
-                JOBS_COMPLETED.labels(kind, model, status)
-    for reason in ("queue_full", "key_busy", "invalid", "unauthorized", "too_large"):
-        JOBS_REJECTED.labels(reason)
-
-
-def precreate_worker_series(models: list[str]) -> None:
-    for kind in KINDS:
-        JOBS_IN_PROGRESS.labels(kind)
-        REDELIVERIES.labels(kind)
-        for reason in RECOVERY_REASONS:
-            JOBS_RECOVERED.labels(kind, reason)
-        for model in models:
-            for histogram in (QUEUE_TIME, INFERENCE_TIME, E2E_LATENCY):
-                histogram.labels(kind, model)
-            for status in FINAL_STATES:
-                JOBS_COMPLETED.labels(kind, model, status)
-    for model in models:
-        IMAGES_GENERATED.labels(model)
-        MODEL_LOAD_TIME.labels(model)
-        for method in METHODS:
-            STEP_TIME.labels(model, method)
-            THEORETICAL_SPEEDUP.labels(model, method)
-            for outcome in ("computed", "reused"):
-                BRANCH_EVALUATIONS.labels(model, method, outcome)
-        for objective in OBJECTIVES:
-            TRAIN_ITERATIONS.labels(model, objective)
-            TRAIN_TIME.labels(model, objective)
+)

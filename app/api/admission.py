@@ -10,13 +10,13 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from harmonica_core.schedules import NEEDS_ROUTER
+from app.contract.registry import RouterRegistry
+from app.contract.settings import Settings
+from harmonica_core.cache.methods import NEEDS_ROUTER
 from harmonica_core.validation import GENERATION_BOUNDS, Limits, RouterInfo, validate_generation, validate_training
 from harmonica_core.validation import InvalidRequest as Rejected
 
-from .registry import RouterRegistry
 from .schemas import Acceleration, GenerateRequest, TrainRouterRequest
-from .settings import Settings
 
 __all__ = ["Rejected", "admit_generate", "admit_training"]
 

@@ -19,10 +19,10 @@ from typing import Any
 from harmonica_core.catalog import builtin_routers, read_router_metadata
 from harmonica_core.validation import RouterInfo
 
-from .keys import KEY_NAME
-
 log = logging.getLogger("harmonica.registry")
 ROUTER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,95}")
+# An API key's name owns its jobs and names its router folder (`routers/<name>/`): never `.`, `..` or hidden.
+KEY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)

@@ -6,41 +6,43 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from harmonica_core.catalog import LAMBDA_MODES, OBJECTIVES, SCHEDULER_NAMES
-from harmonica_core.schedules import METHODS
+from app.contract.jobs import Job
+from app.contract.kinds import KINDS
+from harmonica_core.cache.methods import METHODS, methods_using, parameters
+from harmonica_core.catalog import SCHEDULER_NAMES
+from harmonica_core.train_config import EVAL_SAMPLES, settings
 from harmonica_core.validation import GENERATION_BOUNDS as GEN
 from harmonica_core.validation import TRAINING_BOUNDS as TRAIN
 
 Scheduler = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
-Objective = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
-LambdaMode = Literal[LAMBDA_MODES]  # type: ignore[valid-type]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
-JobKind = Literal["generate", "train_router"]
+KindName = Literal[tuple(KINDS)]  # type: ignore[valid-type]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # no true -> 1, no "5" -> 5
 
 
-class Acceleration(Strict):
-    method: Method = Field(
-        "none",
-        description="none: compute every branch; fora: compute every `interval`-th step; l2c: a trained L2C router "
-        "on alternating steps; harmonica: a trained HarmoniCa router, thresholded at `threshold`",
-    )
-    router_id: str | None = Field(
-        None, description="router for l2c/harmonica, from GET /routers; it must match the model, scheduler and steps"
-    )
-    threshold: float | None = Field(
-        None, **GEN["acceleration.threshold"], description="harmonica: compute a branch where the router value "
-        "exceeds this (default: the router's training threshold); lower means more computation and higher quality",
-    )  # fmt: skip
-    interval: int = Field(
-        2, **GEN["acceleration.interval"], description="fora: compute every N-th step, reuse in between"
-    )
+def _acceleration() -> type[Strict]:
+    """The `acceleration` body: a method and each method's parameters, all from the core's method registry, so
+    a new cache method appears here without an edit."""
+    methods = "; ".join(f"{name}: {spec.description}" for name, spec in METHODS.items())
+    router = "router for l2c/harmonica, from GET /routers; it must match the model, scheduler and steps"
+    fields: dict[str, Any] = {
+        "method": (Method, Field("none", description=methods)),
+        "router_id": (str | None, Field(None, description=router)),
+    }
+    for name, param in parameters().items():
+        kind = param.type if param.default is not None else param.type | None
+        description = f"{methods_using(param)}: {param.help}"
+        fields[name] = (kind, Field(param.default, **param.bounds, description=description))
+    return create_model("Acceleration", __base__=Strict, **fields)
+
+
+Acceleration = _acceleration()
 
 
 class GenerateRequest(Strict):
@@ -66,33 +68,26 @@ class GenerateRequest(Strict):
     acceleration: Acceleration = Field(default_factory=Acceleration, description="the feature cache to use")
 
 
-class TrainRouterRequest(Strict):
-    model: str = Field("digits", description="a model from GET /models")
-    steps: int = Field(20, **TRAIN["steps"], description="sampling steps T the router is for (it only runs at this T)")
-    scheduler: Scheduler = Field("ddim", description="sampler the router is for")
-    objective: Objective = Field(
-        "iepo", description="iepo: HarmoniCa (SDT + image-error proxy); ltc: SDT without the proxy; l2c: Learning-to-"
-        "Cache from real data (digits only here)",
-    )  # fmt: skip
-    iterations: int = Field(1000, **TRAIN["iterations"], description="router updates")
-    batch_size: int = Field(8, **TRAIN["batch_size"], description="samples per training trajectory")
-    lr: float = Field(0.01, **TRAIN["lr"], description="Adam learning rate")
-    beta: float = Field(7e-8, **TRAIN["beta"], description="weight of the reuse pressure; higher = more cache use")
-    tau: float = Field(
-        0.1, **TRAIN["tau"], description="cache-update threshold in training and the default at inference"
+def _train_request() -> type[Strict]:
+    """The training request: the model, then `TrainConfig`'s settings (types, defaults, help and choices as
+    the CLI has them), then what only the service asks for."""
+    fields: dict[str, Any] = {"model": (str, Field("digits", description="a model from GET /models"))}
+    for setting in settings():
+        kind = Literal[setting.choices] if setting.choices else setting.type
+        bounds = TRAIN.get(setting.name, {})
+        fields[setting.name] = (kind, Field(setting.default, **bounds, description=setting.help))
+    fields["eval_samples"] = (
+        int,
+        Field(EVAL_SAMPLES, **TRAIN["eval_samples"], description="images generated to measure the router's quality"),
     )
-    lambda_every: int = Field(
-        100, **TRAIN["lambda_every"], description="iepo: router updates between refreshes of the proxy weights"
-    )
-    lambda_mode: LambdaMode = Field("cumulative", description="iepo: how the proxy weights are measured")
-    guidance: float = Field(1.5, **TRAIN["guidance"], description="guidance scale of the trajectories")
-    seed: int = Field(0, **TRAIN["seed"])
-    eval_samples: int = Field(
-        100, **TRAIN["eval_samples"], description="images generated to measure the trained router's quality"
-    )
-    name: str | None = Field(
+    name = Field(
         None, max_length=60, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$", description="readable prefix of the router id"
     )
+    fields["name"] = (str | None, name)
+    return create_model("TrainRouterRequest", __base__=Strict, **fields)
+
+
+TrainRouterRequest = _train_request()
 
 
 class Links(BaseModel):
@@ -110,7 +105,7 @@ class JobError(BaseModel):
 
 class JobOut(BaseModel):
     id: str
-    kind: JobKind
+    kind: KindName
     status: JobStatus
     model: str
     created_at: float = Field(description="Unix time")
@@ -128,6 +123,17 @@ class JobOut(BaseModel):
     deliveries: int = Field(description="times a worker picked the job up (above 1 after a worker died)")
     cancel_requested: bool
     links: Links
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        """The record as its owner sees it (without the owner), with links to what the job made."""
+        base = f"/jobs/{job.id}"
+        result = job.result or {}
+        images = [f"{base}/images/{n}" for n in range(len(result.get("images", [])))]
+        router = f"/routers/{result['router_id']}" if "router_id" in result else None
+        grid = f"{base}/grid" if "grid" in result else None
+        links = Links(self=base, cancel=base, images=images, grid=grid, router=router)
+        return cls(**{k: v for k, v in job.__dict__.items() if k != "owner"}, links=links)
 
 
 class JobPage(BaseModel):

@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from harmonica_core.validation import Limits
 
+from .kinds import KINDS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HARMONICA_", extra="ignore")
@@ -24,7 +26,7 @@ class Settings(BaseSettings):
         description="broker and job records",
     )
     artifacts_dir: Path = Field(Path("var/artifacts"), description="images and routers; shared by gateway and workers")
-    api_keys: str = Field("", description="comma-separated `name:sha256hex` entries (see `python -m app.keys`)")
+    api_keys: str = Field("", description="comma-separated `name:sha256hex` entries (see `python -m app.api.keys`)")
     api_keys_file: Path | None = Field(None, description="file with one `name:sha256hex` entry per line")
     models: str = Field("digits", description="comma-separated models the service accepts")
     device: str = Field("cpu", description="workers' torch device: cpu, cuda, cuda:1, ...")
@@ -44,7 +46,8 @@ class Settings(BaseSettings):
     max_eval_samples: int = Field(**Limits.setting("max_eval_samples"))
 
     # Delivery and time limits (seconds). Hard limits kill the pool child; the visibility timeout
-    # must exceed every hard limit, or a long job is handed to a second worker while it runs.
+    # must exceed every hard limit, or a long job is handed to a second worker while it runs. Each job
+    # kind names its two fields (`kinds.py`).
     gen_soft_time_limit: float = Field(300, gt=0)
     gen_time_limit: float = Field(360, gt=0)
     train_soft_time_limit: float = Field(6 * 3600, gt=0)
@@ -71,13 +74,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent_limits(self) -> Settings:
-        for kind in ("gen", "train"):
-            soft, hard = getattr(self, f"{kind}_soft_time_limit"), getattr(self, f"{kind}_time_limit")
-            if soft >= hard:
-                raise ValueError(
-                    f"HARMONICA_{kind.upper()}_SOFT_TIME_LIMIT must be below HARMONICA_{kind.upper()}_TIME_LIMIT"
-                )
-        longest = max(self.gen_time_limit, self.train_time_limit)
+        for kind in KINDS.values():
+            limits = kind.time_limits(self)
+            if limits["soft_time_limit"] >= limits["time_limit"]:
+                soft, hard = (f"HARMONICA_{name.upper()}" for name in (kind.soft_limit, kind.hard_limit))
+                raise ValueError(f"{soft} must be below {hard}")
+        longest = max(kind.time_limits(self)["time_limit"] for kind in KINDS.values())
         if self.visibility_timeout <= longest:
             raise ValueError(
                 f"HARMONICA_VISIBILITY_TIMEOUT ({self.visibility_timeout:g} s) must exceed the longest hard time "

@@ -1,0 +1,87 @@
+"""`/jobs`: a caller's jobs, one job, its cancellation and its images."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+
+from app.contract.jobs import FINAL_STATES, Job
+
+from .. import telemetry
+from ..deps import Owner, Service, ServiceDep
+from ..errors import JOB_RESPONSES, ApiError
+from ..schemas import JobOut, JobPage
+
+router = APIRouter(tags=["jobs"])
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # new_job_id(): uuid4 hex; anything else is no job, without asking Redis
+PNG_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}}, **JOB_RESPONSES}
+
+
+def find_job(service: Service, job_id: str, who: str) -> Job:
+    job = service.store.get(job_id) if JOB_ID.fullmatch(job_id) else None
+    if job is None or job.owner != who:
+        kept = service.settings.job_ttl_seconds // 3600
+        raise ApiError(404, "Job not found", f"no job {job_id!r} (finished jobs are kept {kept} h)")
+    return job
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_RESPONSES)
+def get_job(job_id: str, service: ServiceDep, who: Owner) -> JobOut:
+    """A job's state, progress, result or error."""
+    return JobOut.of(find_job(service, job_id, who))
+
+
+@router.get("/jobs", response_model=JobPage, responses=JOB_RESPONSES)
+def list_jobs(
+    service: ServiceDep,
+    who: Owner,
+    limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
+    cursor: Annotated[
+        float | None, Query(allow_inf_nan=False, description="from the previous page's `next` link")
+    ] = None,
+) -> JobPage:
+    """Your jobs, newest first, a page at a time."""
+    jobs, next_cursor = service.store.list(who, limit, cursor)
+    following = None if next_cursor is None else f"/jobs?limit={limit}&cursor={next_cursor!r}"
+    return JobPage(jobs=[JobOut.of(job) for job in jobs], next=following)
+
+
+@router.delete("/jobs/{job_id}", status_code=202, response_model=JobOut, responses=JOB_RESPONSES)
+def cancel_job(job_id: str, service: ServiceDep, who: Owner) -> JobOut:
+    """Cancel: a queued job never runs; a running one stops at its next denoising step or router update."""
+    job = find_job(service, job_id, who)
+    found = service.store.request_cancel(job.id)
+    if found == "queued":
+        telemetry.canceled_while_queued(job)
+    elif found in FINAL_STATES and found != "canceled":
+        raise ApiError(409, "Job already finished", f"job {job.id} already {found}; nothing to cancel")
+    return JobOut.of(find_job(service, job_id, who))
+
+
+def artifact(service: Service, job: Job, name: str | None, what: str) -> FileResponse:
+    if job.status != "succeeded" or name is None:
+        raise ApiError(404, "Image not found", f"job {job.id} is {job.status}; it has no {what}")
+    path = service.settings.job_dir(job.id) / name
+    if not path.is_file():
+        shared = "the gateway and the workers must share HARMONICA_ARTIFACTS_DIR"
+        raise ApiError(404, "Image not found", f"{what} of job {job.id} is missing from the artifact store; {shared}")
+    headers = {"Cache-Control": "private, max-age=86400, immutable"}
+    return FileResponse(path, media_type="image/png", headers=headers)
+
+
+@router.get("/jobs/{job_id}/images/{n}", response_class=FileResponse, responses=PNG_RESPONSES)
+def get_image(job_id: str, n: int, service: ServiceDep, who: Owner) -> FileResponse:
+    """The n-th image (from 0) of a succeeded generation job, as PNG."""
+    job = find_job(service, job_id, who)
+    images = (job.result or {}).get("images", [])
+    return artifact(service, job, images[n] if 0 <= n < len(images) else None, f"image {n}")
+
+
+@router.get("/jobs/{job_id}/grid", response_class=FileResponse, responses=PNG_RESPONSES)
+def get_grid(job_id: str, service: ServiceDep, who: Owner) -> FileResponse:
+    """All images of a succeeded generation job on one labelled sheet (a column per label or prompt)."""
+    job = find_job(service, job_id, who)
+    return artifact(service, job, (job.result or {}).get("grid"), "grid")
