@@ -21,9 +21,10 @@ import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 from tqdm import tqdm
 
+from harmonica_core.cache.methods import fora_plan, none_plan
+from harmonica_core.cache.plan import CachePlan
 from harmonica_core.models import Model, load_model
 from harmonica_core.sampling import GenerationRequest, generate
-from harmonica_core.schedules import CachePlan, fora_plan, none_plan
 from harmonica_core.timing import interleaved_latencies, realized_speedups
 
 DIT_XL_2_256 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,

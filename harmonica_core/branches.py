@@ -1,4 +1,4 @@
-"""The cacheable branches of a DiT/PixArt transformer and what each one costs (ALGORITHM.md §1, §6)."""
+"""The cacheable branches of a transformer (named by its family) and what each one costs (ALGORITHM.md §1, §6)."""
 
 from __future__ import annotations
 
@@ -10,35 +10,30 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-BRANCH_ATTRIBUTES = {"attn": "attn1", "cross_attn": "attn2", "mlp": "ff"}
+from .families import family_of
 
 
 @dataclass(frozen=True)
 class Branch:
-    """One residual branch: the ungated output of `transformer_blocks[block].<attribute>`."""
+    """One residual branch: the ungated output of the module at `module_path` (in `transformer_blocks[block]`)."""
 
     block: int
     kind: str  # attn | cross_attn | mlp
+    module_path: str
 
     @property
     def name(self) -> str:
         return f"{self.block}.{self.kind}"
 
-    @property
-    def module_path(self) -> str:
-        return f"transformer_blocks.{self.block}.{BRANCH_ATTRIBUTES[self.kind]}"
-
 
 def find_branches(transformer: nn.Module) -> list[Branch]:
-    """Branches in execution order: per block attn, cross_attn (PixArt only), mlp."""
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if blocks is None:
-        raise TypeError(f"{type(transformer).__name__} has no `transformer_blocks`; only DiT/PixArt are supported")
+    """Branches in execution order, per block in the order of its family's `branch_modules`."""
+    modules = family_of(transformer).branch_modules
     branches = []
-    for index, block in enumerate(blocks):
-        for kind, attribute in BRANCH_ATTRIBUTES.items():
+    for index, block in enumerate(transformer.transformer_blocks):
+        for kind, attribute in modules.items():
             if getattr(block, attribute, None) is not None:
-                branches.append(Branch(index, kind))
+                branches.append(Branch(index, kind, f"transformer_blocks.{index}.{attribute}"))
     return branches
 
 

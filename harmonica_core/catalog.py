@@ -28,10 +28,10 @@ class ModelInfo:
     """Static facts a caller can check a request against before any weights load."""
 
     description: str
-    family: str  # "dit": class labels; "pixart": prompts
-    num_classes: int = 0  # DiT: labels are 0..num_classes-1
-    size: int = 0  # default (and, for DiT, only) image side in pixels
-    max_size: int = 0  # PixArt: largest side; sides are multiples of 16
+    family: str  # a key of `families.FAMILIES`: its admission rules (class labels or prompts, sizes)
+    num_classes: int = 0  # class-conditional families: labels are 0..num_classes-1
+    size: int = 0  # default (and, for fixed-size families, only) image side in pixels
+    max_size: int = 0  # families with free sizes: the largest side
 
 
 MODELS: dict[str, ModelInfo] = {
@@ -89,4 +89,8 @@ def read_router_metadata(path: str | Path) -> dict[str, Any]:
     blob = (header.get("__metadata__") or {}).get("harmonica")
     if blob is None:
         raise ValueError(f"{path} is a safetensors file but not a HarmoniCa router (no 'harmonica' metadata)")
-    return json.loads(blob)
+    metadata = json.loads(blob)
+    if metadata.get("format_version", 1) < 2:  # version 1 kept the inference method among the quality numbers
+        metadata["method"] = metadata.get("quality", {}).pop("method", "harmonica")
+        metadata["format_version"] = 2
+    return metadata

@@ -1,11 +1,12 @@
-"""Loading DiT / PixArt models (hub id, local diffusers folder, or the built-in `digits`) and what the
-sampler needs to know about each family: how it builds the classifier-free-guidance batch."""
+"""Loading models from their sources (the built-in `digits`, a local diffusers folder, a hub id), and the
+loaded `Model`: a transformer with its scheduler, VAE and family (`families.FAMILIES`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,14 +18,14 @@ from torch import nn
 
 from .branches import MacProfile, branch_layout, count_macs
 from .catalog import MODELS, SCHEDULER_NAMES
+from .families import FAMILIES, Family, pipeline_family
 from .router import RouterTarget
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = dict(
     zip(SCHEDULER_NAMES, (DDIMScheduler, DPMSolverMultistepScheduler), strict=True)
 )
 
-PIPELINE_FAMILIES = {"DiTPipeline": "dit", "PixArtAlphaPipeline": "pixart", "PixArtSigmaPipeline": "pixart"}
-__all__ = ["MODELS", "SCHEDULERS", "Model", "ModelNotFoundError", "load_model"]
+__all__ = ["MODELS", "SCHEDULERS", "SOURCES", "Model", "ModelNotFoundError", "ModelSource", "load_model"]
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -35,8 +36,8 @@ class ModelNotFoundError(FileNotFoundError):
 class Model:
     """A loaded transformer with what generation needs around it.
 
-    `family` is "dit" (class labels, CFG batch [cond; uncond]) or "pixart" (prompts, CFG batch
-    [uncond; cond]); `vae` is None for pixel-space models such as `digits`.
+    `family` is a key of `families.FAMILIES` (`spec` is that family: conditioning, CFG order, decoding,
+    sizes); `vae` is None for pixel-space models such as `digits`.
     """
 
     name: str
@@ -47,6 +48,15 @@ class Model:
     pipeline: Any = None  # the diffusers pipeline, for encode_prompt (PixArt)
     labels: dict[int, str] = field(default_factory=dict)
     max_sequence_length: int = 120
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; registered: {', '.join(FAMILIES)}")
+
+    @property
+    def spec(self) -> Family:
+        """The family's behaviour, looked up by key: models and catalog entries name families alike."""
+        return FAMILIES[self.family]
 
     @property
     def device(self) -> torch.device:
@@ -91,10 +101,10 @@ class Model:
         return digest.hexdigest()[:16]
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        """Resolve and validate the image size; DiT models have one fixed size."""
+        """Resolve and validate the image size; some families (DiT) have one fixed size."""
         height, width = height or self.default_size, width or self.default_size
         step = self.vae_scale * int(self.transformer.config.patch_size)
-        if self.family == "dit" and (height, width) != (self.default_size, self.default_size):
+        if self.spec.size_multiple is None and (height, width) != (self.default_size, self.default_size):
             raise ValueError(f"{self.name} generates {self.default_size}x{self.default_size} images only")
         if height % step or width % step:
             raise ValueError(f"height and width must be multiples of {step} for {self.name}")
@@ -134,44 +144,32 @@ class Model:
         if key not in profiles:
             latent = self.latent_shape(1, height, width)
             profiles[key] = count_macs(
-                self.transformer, lambda device: self._meta_inputs(device, latent, text_len), self.vae, latent
+                self.transformer, lambda device: self.spec.meta_inputs(self, device, latent, text_len), self.vae, latent
             )
         return profiles[key]
 
-    def _meta_inputs(self, device: torch.device, latent: tuple[int, ...], text_len: int) -> dict[str, Any]:
-        config = self.transformer.config
-        inputs: dict[str, Any] = {
-            "hidden_states": torch.empty(latent, device=device),
-            "timestep": torch.zeros(1, dtype=torch.long, device=device),
-        }
-        if self.family == "dit":
-            inputs["class_labels"] = torch.zeros(1, dtype=torch.long, device=device)
-            return inputs
-        channels = config.caption_channels or config.cross_attention_dim
-        inputs["encoder_hidden_states"] = torch.empty(1, text_len or self.max_sequence_length, channels, device=device)
-        extra = config.use_additional_conditions or (
-            config.use_additional_conditions is None and config.sample_size == 128
-        )
-        inputs["added_cond_kwargs"] = (
-            {"resolution": torch.empty(1, 2, device=device), "aspect_ratio": torch.empty(1, 1, device=device)}
-            if extra
-            else {"resolution": None, "aspect_ratio": None}
-        )
-        return inputs
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One place models come from: `takes(name)` claims a model name, `load(name)` reads it onto the CPU."""
+
+    description: str
+    takes: Callable[[str], bool]
+    load: Callable[[str], Model]
 
 
 def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Model:
-    """Load `digits`, a local diffusers pipeline folder, or a hub id from the local Hugging Face cache.
+    """Load `name` from the first source in `SOURCES` that takes it: `digits`, a local diffusers pipeline
+    folder, or a hub id from the local Hugging Face cache.
 
     Without `HF_HUB_OFFLINE=1`, a hub id missing from the cache is downloaded by diffusers as usual.
     """
     device = _check_device(device)
-    if name == "digits":
-        from .digits.model import load_digits
-
-        model = load_digits()
-    else:
-        model = _load_pipeline_folder(name, _resolve_folder(name))
+    source = next((source for source in SOURCES.values() if source.takes(name)), None)
+    if source is None:
+        choices = ", ".join(source.description for source in SOURCES.values())
+        raise ModelNotFoundError(f"no model folder at {name}; give {choices}")
+    model = source.load(name)
     if device.type == "cpu":
         # Denormal floats (seen with L2C's noised real digits) make CPU math ~6x slower; flushing them
         # to zero changes nothing above 1e-38. Process-wide, like the thread count.
@@ -197,19 +195,30 @@ def _check_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _resolve_folder(name: str) -> Path:
+def _load_digits(_name: str) -> Model:
+    from .digits.model import load_digits  # digits builds on this module: imported only when asked for
+
+    return load_digits()
+
+
+def _load_folder(name: str) -> Model:
     path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelNotFoundError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
-        return path
-    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ModelNotFoundError(f"no model folder at {name}; give a diffusers pipeline folder, a hub id or 'digits'")
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
+    return _load_pipeline_folder(name, path)
+
+
+def _is_hub_id(name: str) -> bool:
+    """`owner/name`, and nothing that looks like a path."""
+    return not (Path(name).suffix or name.startswith((".", "/", "~")) or name.count("/") != 1)
+
+
+def _load_hub(name: str) -> Model:
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
     try:
-        return Path(snapshot_download(name, local_files_only=offline))
+        folder = Path(snapshot_download(name, local_files_only=offline))
     except Exception as error:  # huggingface_hub raises several kinds here; all mean "not available"
         raise ModelNotFoundError(
             f"model {name!r} is not in the local Hugging Face cache"
@@ -217,26 +226,34 @@ def _resolve_folder(name: str) -> Path:
             f"`huggingface-cli download {name}` on a machine with internet and copy ~/.cache/huggingface, "
             f"or pass a local diffusers folder ({type(error).__name__})"
         ) from None
+    return _load_pipeline_folder(name, folder)
 
 
 def _load_pipeline_folder(name: str, folder: Path) -> Model:
     from diffusers import DiffusionPipeline
 
     class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
-    family = PIPELINE_FAMILIES.get(class_name)
+    family = pipeline_family(class_name)
     if family is None:
-        raise ModelNotFoundError(
-            f"{name} is a {class_name or 'unknown'} pipeline; supported: {', '.join(PIPELINE_FAMILIES)}"
-        )
+        supported = ", ".join(pipeline for family in FAMILIES.values() for pipeline in family.pipelines)
+        raise ModelNotFoundError(f"{name} is a {class_name or 'unknown'} pipeline; supported: {supported}")
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     labels = {int(k): v for k, v in (getattr(pipe, "id2label", None) or {}).items()}
     return Model(
         name=name,
-        family=family,
+        family=family.name,
         transformer=pipe.transformer,
         scheduler=pipe.scheduler,
         vae=pipe.vae,
         pipeline=pipe,
         labels=labels,
-        max_sequence_length=300 if class_name == "PixArtSigmaPipeline" else 120,
+        **family.pipelines[class_name],
     )
+
+
+# Tried in order; the first that takes a name loads it.
+SOURCES: dict[str, ModelSource] = {
+    "builtin": ModelSource("'digits' (built in)", lambda name: name == "digits", _load_digits),
+    "folder": ModelSource("a diffusers pipeline folder", lambda name: Path(name).expanduser().is_dir(), _load_folder),
+    "hub": ModelSource("a hub id (owner/name) in the local Hugging Face cache", _is_hub_id, _load_hub),
+}

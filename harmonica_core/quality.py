@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .metrics import mse, psnr
+from .cache.plan import CachePlan
+from .measures import mse, psnr
 from .models import Model
 from .sampling import GenerationRequest, GenerationResult, PromptEmbeddings, generate
-from .schedules import CachePlan
 
 
 def evaluation_request(
@@ -21,15 +21,8 @@ def evaluation_request(
     prompt_embeddings: PromptEmbeddings | None = None,
 ) -> GenerationRequest:
     """A fixed request: classes (or captions / embedding rows) in turn, a fixed seed."""
-    request = GenerationRequest(steps=steps, scheduler=scheduler, guidance=guidance, seed=seed)
-    if model.family == "dit":
-        request.class_labels = [i % min(model.num_classes, 10) for i in range(samples)]
-    elif prompt_embeddings is not None:
-        rows = [i % len(prompt_embeddings.embeds) for i in range(samples)]
-        request.prompt_embeddings = prompt_embeddings.select(rows)
-    else:
-        request.prompts = [captions[i % len(captions)] for i in range(samples)]
-    return request
+    conditions = model.spec.evaluation_conditions(model, samples, captions, prompt_embeddings)
+    return GenerationRequest(steps=steps, scheduler=scheduler, guidance=guidance, seed=seed, **conditions)
 
 
 def plan_quality(

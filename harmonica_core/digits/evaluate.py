@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..metrics import frechet_distance
+from ..measures import frechet_distance
 from .classifier import load_classifier
 from .data import digits_split
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
-from ..catalog import DIGITS_WEIGHTS
+from ..catalog import DIGITS_WEIGHTS, MODELS
+from ..models import Model, ModelNotFoundError
 from .data import IMAGE_SIZE, NUM_CLASSES, digits_split
 
 WEIGHTS_DIR = DIGITS_WEIGHTS
@@ -49,9 +50,8 @@ class DigitsTrainConfig:
     seed: int = 0
 
 
-def load_digits(weights: Path = WEIGHTS_DIR):
-    from ..models import Model, ModelNotFoundError
-
+def load_digits(weights: Path = WEIGHTS_DIR) -> Model:
+    """The shipped weights (or a copy of them) as a `Model`; `models.SOURCES` loads it as "digits"."""
     if not (weights / "transformer" / "config.json").is_file():
         raise ModelNotFoundError(
             f"the digits weights are missing from {weights}; rebuild them with `harmonica digits train`"
@@ -62,7 +62,8 @@ def load_digits(weights: Path = WEIGHTS_DIR):
         low_cpu_mem_usage=False,  # 9 MB: no need for accelerate
     )
     scheduler = DDIMScheduler.from_pretrained(weights / "scheduler")
-    return Model("digits", "dit", transformer, scheduler, labels={i: str(i) for i in range(NUM_CLASSES)})
+    labels = {i: str(i) for i in range(NUM_CLASSES)}
+    return Model("digits", MODELS["digits"].family, transformer, scheduler, labels=labels)
 
 
 def train_digits(

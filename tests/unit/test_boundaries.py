@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import ast
 import json
 
 import pytest
 
-from app.keys import digest, identify, load_keys, main
-from app.settings import Settings
-from tests.servicekit import imported_modules
+from app.api.keys import digest, identify, load_keys, main
+from app.contract.settings import Settings
+from tests.servicekit import ROOT, imported_modules, loaded_modules
+
+CONTRACT = [f"app.contract.{path.stem}" for path in sorted((ROOT / "app" / "contract").glob("[!_]*.py"))]
+
+
+def imports_of(path) -> set[str]:
+    """Every module a source file imports, at any depth (imports inside functions too), relative ones resolved."""
+    package = path.relative_to(ROOT).with_suffix("").parts[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+            found.add(".".join(part for part in (base, node.module) if part))
+    return found
 
 
 def test_gateway_and_worker_parent_never_import_torch():
@@ -17,9 +33,38 @@ def test_gateway_and_worker_parent_never_import_torch():
     assert "torch" not in imported_modules("worker.celery_app", "worker.tasks")
 
 
+def test_workers_import_only_the_contract_from_app():
+    # The gateway's code (app.api) can change without touching a worker; the contract never reaches back into it.
+    for path in sorted((ROOT / "worker").glob("*.py")):
+        foreign = {name for name in imports_of(path) if name.split(".")[0] == "app"}
+        foreign -= {name for name in foreign if name == "app.logs" or name.startswith("app.contract")}
+        assert not foreign, f"{path.name} imports {sorted(foreign)}"
+    loaded = loaded_modules("worker.__main__", "worker.celery_app", "worker.tasks", "worker.runner", *CONTRACT)
+    assert not {name for name in loaded if name.startswith(("app.api", "app.main", "fastapi"))}
+
+
+def test_every_job_kind_has_a_task_a_route_time_limits_and_a_runner():
+    from app.contract.kinds import KINDS, QUEUES
+    from app.contract.queue import make_celery
+    from worker.runner import RUNNERS
+    from worker.tasks import TASKS
+
+    conf = make_celery(Settings()).conf
+    assert set(KINDS) == set(TASKS) == set(RUNNERS)
+    for kind in KINDS.values():
+        assert TASKS[kind.name].name == kind.task and conf.task_routes[kind.task] == {"queue": kind.queue}
+        assert kind.queue in QUEUES
+        assert 0 < conf.task_annotations[kind.task]["soft_time_limit"] < conf.task_annotations[kind.task]["time_limit"]
+
+
 def test_request_validation_is_torch_free():
     # The gateway validates with it, and the CLI refuses a bad request before the heavy imports.
     assert not {"torch", "diffusers", "pydantic"} & imported_modules("harmonica_core.validation")
+
+
+def test_model_families_are_torch_free():
+    # validation reads each family's admission rules; the runtime parts import torch where they run.
+    assert not {"torch", "diffusers"} & imported_modules("harmonica_core.families")
 
 
 def test_the_library_imports_neither_the_gateway_nor_the_workers():

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harmonica_core.cache.methods import fora_plan
+from harmonica_core.catalog import MODELS
+from harmonica_core.families import FAMILIES, pipeline_family
 from harmonica_core.models import ModelNotFoundError, load_model
 from harmonica_core.sampling import GenerationRequest, generate
-from harmonica_core.schedules import fora_plan
 
 
 def test_saved_dit_pipeline_loads_and_generates_with_a_cache(dit_folder):
@@ -40,6 +42,11 @@ def test_bad_requests_are_refused_with_a_reason(tiny_dit, digits):
         generate(digits, GenerationRequest(class_labels=[1], steps=2, height=16, width=16))
     with pytest.raises(ValueError, match="unknown scheduler"):
         generate(tiny_dit, GenerationRequest(class_labels=[1], steps=2, scheduler="heun"))
+
+
+def test_every_catalog_model_names_a_registered_family():
+    assert {info.family for info in MODELS.values()} <= FAMILIES.keys()
+    assert pipeline_family("PixArtSigmaPipeline") is FAMILIES["pixart"] and pipeline_family("FluxPipeline") is None
 
 
 def test_missing_models_give_one_clear_line(tmp_path, monkeypatch):

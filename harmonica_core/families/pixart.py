@@ -1,0 +1,113 @@
+"""PixArt-α/Σ: text-to-image from prompts or T5 embeddings, free sizes, CFG batch [uncond; cond]
+(diffusers' `PixArtAlphaPipeline` and `PixArtSigmaPipeline`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .base import Conditioning, Family
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models import Model
+    from ..sampling import GenerationRequest, PromptEmbeddings
+    from ..training import TrainData
+
+
+class PixArtFamily(Family):
+    name = "pixart"
+    pipelines: ClassVar[Mapping[str, Mapping[str, Any]]] = {  # the text encoder's token limit
+        "PixArtAlphaPipeline": {"max_sequence_length": 120},
+        "PixArtSigmaPipeline": {"max_sequence_length": 300},
+    }
+    transformers = ("PixArtTransformer2DModel",)
+    class_conditional = False
+    size_multiple = 16
+
+    def conditioning(self, model: Model, request: GenerationRequest) -> Conditioning:
+        import torch
+
+        device, cfg = model.device, request.guidance > 1
+        if model.pipeline is None:
+            raise ValueError(f"{model.name} has no pipeline to encode prompts with")
+        pe = request.prompt_embeddings
+        if pe is None and not request.prompts:
+            raise ValueError(f"{model.name} is text-to-image: give prompts")
+        if pe is None and model.pipeline.text_encoder is None:
+            raise ValueError(f"{model.name} has no text encoder: give precomputed prompt embeddings")
+        embeds, mask, neg, neg_mask = model.pipeline.encode_prompt(
+            request.prompts if pe is None else None,
+            do_classifier_free_guidance=cfg,
+            negative_prompt="" if pe is None else None,
+            num_images_per_prompt=request.num_images_per_prompt,
+            device=device,
+            prompt_embeds=None if pe is None else pe.embeds.to(device),
+            prompt_attention_mask=None if pe is None else pe.mask.to(device),
+            negative_prompt_embeds=None if pe is None or pe.negative_embeds is None else pe.negative_embeds.to(device),
+            negative_prompt_attention_mask=None
+            if pe is None or pe.negative_mask is None
+            else pe.negative_mask.to(device),
+            clean_caption=False,
+            max_sequence_length=model.max_sequence_length,
+        )
+        images = embeds.shape[0]
+        if cfg:  # [uncond; cond]
+            embeds, mask = torch.cat([neg, embeds]), torch.cat([neg_mask, mask])
+        height, width = model.check_size(request.height, request.width)
+        added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
+        if model.transformer.config.sample_size == 128:
+            resolution = torch.tensor([height, width]).repeat(images, 1).to(embeds.dtype).to(device)
+            aspect = torch.tensor([float(height / width)]).repeat(images, 1).to(embeds.dtype).to(device)
+            if cfg:
+                resolution, aspect = torch.cat([resolution, resolution]), torch.cat([aspect, aspect])
+            added = {"resolution": resolution, "aspect_ratio": aspect}
+        captions = (
+            [p for p in request.prompts for _ in range(request.num_images_per_prompt)]
+            if request.prompts
+            else [f"embedding {i}" for i in range(images)]
+        )
+        kwargs = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask, "added_cond_kwargs": added}
+        return Conditioning(kwargs, images, cfg, True, embeds.shape[1], captions)
+
+    def meta_conditions(self, model: Model, device: torch.device, text_len: int) -> dict[str, Any]:
+        import torch
+
+        config = model.transformer.config
+        channels = config.caption_channels or config.cross_attention_dim
+        length = text_len or model.max_sequence_length
+        extra = config.use_additional_conditions or (
+            config.use_additional_conditions is None and config.sample_size == 128
+        )
+        added = (
+            {"resolution": torch.empty(1, 2, device=device), "aspect_ratio": torch.empty(1, 1, device=device)}
+            if extra
+            else {"resolution": None, "aspect_ratio": None}
+        )
+        return {"encoder_hidden_states": torch.empty(1, length, channels, device=device), "added_cond_kwargs": added}
+
+    def training_conditions(
+        self, model: Model, data: TrainData, count: int, generator: torch.Generator, rows: torch.Tensor | None
+    ) -> dict[str, Any]:
+        import torch
+
+        return _prompts(
+            lambda pool: torch.randint(pool, (count,), generator=generator).tolist(),
+            data.captions,
+            data.prompt_embeddings,
+        )
+
+    def evaluation_conditions(
+        self, model: Model, samples: int, captions: tuple[str, ...], prompt_embeddings: PromptEmbeddings | None
+    ) -> dict[str, Any]:
+        return _prompts(lambda pool: [i % pool for i in range(samples)], captions, prompt_embeddings)
+
+
+def _prompts(
+    pick: Callable[[int], list[int]], captions: tuple[str, ...], embeddings: PromptEmbeddings | None
+) -> dict[str, Any]:
+    """Embedding rows when there are embeddings (no text encoder), else captions; `pick(pool)` chooses the rows."""
+    if embeddings is not None:
+        return {"prompt_embeddings": embeddings.select(pick(len(embeddings.embeds)))}
+    return {"prompts": [captions[i] for i in pick(len(captions))]}
