@@ -33,7 +33,8 @@ VARIANTS = {
 
 def measure(variant: str, device: str, steps: int, batch: int) -> dict:
     """Run one variant in this process: 4 trajectories' worth of updates, two lambda refreshes."""
-    from harmonica_core.training import TrainConfig, TrainData, default_data, train_router
+    from harmonica_core.train_config import TrainConfig
+    from harmonica_core.training import TrainData, default_data, train_router
 
     if device == "cpu":
         from harmonica_core.models import load_model

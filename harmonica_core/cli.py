@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .schedules import METHODS, NEEDS_ROUTER
+from .cache.methods import METHODS, NEEDS_ROUTER, methods_using, parameters
 from .validation import Limits, RouterInfo, default_class_labels, validate_generation, validate_training
 
 
@@ -45,12 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model", default="digits", help=f"'digits', a hub id or a diffusers folder; known: {', '.join(MODELS)}"
     )
-    gen.add_argument("--method", choices=list(METHODS), default="none", help="cache method")
+    methods = "; ".join(f"{name}: {spec.description}" for name, spec in METHODS.items())
+    gen.add_argument("--method", choices=list(METHODS), default="none", help=f"cache method ({methods})")
     gen.add_argument("--router", help="router file (.safetensors) for l2c / harmonica, or 'builtin'")
-    gen.add_argument(
-        "--threshold", type=float, help="router threshold tau (compute if r > tau); default: the router's own"
-    )
-    gen.add_argument("--interval", type=int, default=2, help="FORA: compute every N-th step")
+    for param in parameters().values():  # each cache method's parameters, from the method registry
+        gen.add_argument(f"--{param.name}", type=param.type, help=f"{param.help} (methods: {methods_using(param)})")
     gen.add_argument("--steps", type=int, default=20, help="denoising steps")
     gen.add_argument("--scheduler", choices=list(SCHEDULERS), default="ddim")
     cond = gen.add_mutually_exclusive_group()
@@ -64,32 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     gen.add_argument("--out", type=Path, required=True, help="output folder")
 
-    from .catalog import LAMBDA_MODES, OBJECTIVES
-    from .training import TrainConfig
+    from .train_config import EVAL_SAMPLES, settings
 
-    tc = TrainConfig()
     tr = commands.add_parser("train-router", help="train a router (SDT + IEPO, LTC, or L2C) and write its file")
     tr.add_argument("--model", default="digits", help="'digits', a hub id or a diffusers folder")
-    tr.add_argument("--objective", choices=list(OBJECTIVES), default=tc.objective)
-    tr.add_argument("--steps", type=int, default=tc.steps, help="sampling steps T the router is for")
-    tr.add_argument("--scheduler", choices=list(SCHEDULERS), default=tc.scheduler)
-    tr.add_argument("--iterations", type=int, default=tc.iterations, help="router updates")
-    tr.add_argument("--batch-size", type=int, default=tc.batch_size, help="samples per trajectory")
-    tr.add_argument("--lr", type=float, default=tc.lr)
-    tr.add_argument(
-        "--beta", type=float, default=tc.beta, help="weight of the sum of router values (higher = more reuse)"
-    )
-    tr.add_argument("--tau", type=float, default=tc.tau, help="cache-update and inference threshold")
-    tr.add_argument("--lambda-every", type=int, default=tc.lambda_every, help="IEPO: updates between refreshes")
-    tr.add_argument("--lambda-mode", choices=LAMBDA_MODES, default=tc.lambda_mode)
-    tr.add_argument("--guidance", type=float, default=tc.guidance)
-    tr.add_argument("--seed", type=int, default=tc.seed)
+    for setting in settings():  # TrainConfig's fields, as the HTTP training request has them
+        flag = "--" + setting.name.replace("_", "-")
+        tr.add_argument(
+            flag, type=setting.type, default=setting.default, help=setting.help, choices=setting.choices or None
+        )
     tr.add_argument("--captions", type=Path, help="PixArt: a text file with one caption per line")
     tr.add_argument(
         "--data", type=Path, help="L2C on non-digits models: safetensors with `samples` latents (+ `labels`)"
     )
     tr.add_argument("--checkpoint", type=Path, help="checkpoint file: written per trajectory, resumed from if present")
-    tr.add_argument("--eval-samples", type=int, default=100, help="samples for the quality numbers")
+    tr.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="samples for the quality numbers")
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--out", type=Path, required=True, help="router file to write (.safetensors)")
 
@@ -132,7 +120,7 @@ ROUTER_HELP = "--router PATH (train one with `harmonica train-router`, or 'built
 
 def generation_request(args: argparse.Namespace) -> dict:
     """The arguments as the API's request body, so both are validated alike."""
-    accel = {"method": args.method, "router_id": args.router, "threshold": args.threshold, "interval": args.interval}
+    accel = {"method": args.method, "router_id": args.router, **{name: getattr(args, name) for name in parameters()}}
     return {
         "model": args.model, "class_labels": args.labels, "prompts": args.prompt, "num_images": args.num_images,
         "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "seed": args.seed,
@@ -141,10 +129,10 @@ def generation_request(args: argparse.Namespace) -> dict:
 
 
 def run_generate(args: argparse.Namespace) -> dict:
+    from .cache.methods import plan_from_request
     from .models import load_model
     from .router import load_router
     from .sampling import GenerationRequest, generate
-    from .schedules import make_plan
 
     path = None
     if args.router is not None and args.method in NEEDS_ROUTER:
@@ -153,20 +141,13 @@ def run_generate(args: argparse.Namespace) -> dict:
     req = validate_generation(generation_request(args), Limits.from_env(), info, router_help=ROUTER_HELP)
     accel = req["acceleration"]
     model = load_model(args.model, device=args.device)
-    if model.family == "dit" and req["class_labels"] is None:  # a local folder: its classes are known now
+    if model.spec.class_conditional and req["class_labels"] is None:  # a local folder: its classes are known now
         req["class_labels"] = default_class_labels(model.num_classes)
-    request = GenerationRequest(
-        class_labels=req["class_labels"], prompts=req["prompts"], num_images_per_prompt=req["num_images"],
-        steps=req["steps"], scheduler=req["scheduler"], guidance=req["guidance"], seed=req["seed"],
-        height=req["height"], width=req["width"],
-    )  # fmt: skip
+    request = GenerationRequest.from_request(req)
     router = None
     if path is not None:
         router, _ = load_router(path, model.router_target(req["scheduler"], req["steps"]))
-    plan = make_plan(
-        accel["method"], req["steps"], len(model.branch_layout), router=router,
-        threshold=accel["threshold"] if accel["threshold"] is not None else 0.1, interval=accel["interval"],
-    )  # fmt: skip
+    plan = plan_from_request(accel, req["steps"], model.branch_layout, router)
     result = generate(model, request, plan)
     return write_images(result, args.out, req["num_images"], method=accel["method"], model=req["model"])
 
@@ -191,7 +172,8 @@ def run_train_router(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from .models import load_model
-    from .training import TrainConfig, train_and_save
+    from .train_config import TrainConfig
+    from .training import train_and_save
 
     req = validate_training(training_request(args), Limits.from_env(), data=args.data is not None)
     config = TrainConfig(**{name: req[name] for name in TrainConfig.__dataclass_fields__ if name in req})
@@ -245,15 +227,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
 
 def write_images(result, out: Path, rows: int, **extra: object) -> dict:
     """One PNG per image, a labelled grid.png and summary.json; returns the summary."""
-    from .images import grid, to_pil
+    from .images import save_images
 
-    out.mkdir(parents=True, exist_ok=True)
-    names = []
-    for index, image in enumerate(to_pil(result.images)):
-        name = f"{index:03d}.png"
-        image.save(out / name)
-        names.append(name)
-    grid(result.images, result.labels, rows).save(out / "grid.png")
+    names = save_images(result.images, result.labels, rows, out)
     summary = {**extra, **result.stats.as_dict(), "images": names, "captions": result.labels}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from PIL import Image, ImageDraw
 
@@ -29,3 +32,16 @@ def grid(images: torch.Tensor, captions: list[str], rows: int, scale: int = 8) -
         draw.text((x + 2, y), caption[:12], fill=0)
         canvas.paste(tile.convert("L"), (x, y + caption_h))
     return canvas
+
+
+def save_images(images: torch.Tensor, captions: list[str], rows: int, out: Path) -> list[str]:
+    """One PNG per image (`000.png`, ...) and `grid.png`, a labelled sheet with tiles of at least 64 px; each
+    written then renamed, so a reader (or a rerun of the same job) never sees half a file. Returns the names."""
+    out.mkdir(parents=True, exist_ok=True)
+    sheet = grid(images, captions, rows, scale=max(1, 64 // images.shape[-1]))
+    named = [(f"{index:03d}.png", image) for index, image in enumerate(to_pil(images))] + [("grid.png", sheet)]
+    for name, image in named:
+        tmp = out / f"{name}.tmp"
+        image.save(tmp, format="PNG")
+        os.replace(tmp, out / name)
+    return [name for name, _ in named[:-1]]

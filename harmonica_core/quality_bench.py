@@ -15,13 +15,15 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .cache.methods import make_plan, none_plan
+from .cache.plan import CachePlan
 from .models import Model, load_model
 from .quality import evaluation_request, plan_quality
 from .router import load_router
 from .sampling import GenerationRequest, generate
-from .schedules import CachePlan, fora_plan, make_plan, none_plan
 from .timing import interleaved_latencies, realized_speedups
-from .training import TrainConfig, plan_method, train_and_save
+from .train_config import TrainConfig, plan_method
+from .training import train_and_save
 
 DEFAULT_BETAS = {
     "iepo": (3e-7, 1e-6, 3e-6, 1e-5),
@@ -39,6 +41,7 @@ class QualityBenchConfig:
     samples: int = 500
     fewer_steps: tuple[int, ...] = (14, 10, 7)
     fora: tuple[int, ...] = (2, 3, 4)
+    delta: tuple[tuple[int, float], ...] = ((2, 0.4), (3, 0.5), (4, 0.6))  # (interval, target usage)
     betas: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_BETAS))
     iterations: int = 380
     batch_size: int = 8
@@ -50,7 +53,7 @@ class QualityBenchConfig:
 
 
 def _router_plans(model: Model, config: QualityBenchConfig, out: Path) -> dict[str, tuple[str, CachePlan]]:
-    """Train (or reuse) each router of the sweep; returns name -> (family, plan)."""
+    """Train (or reuse) each router of the sweep; returns name -> (group, plan)."""
     plans = {}
     target = model.router_target(config.scheduler, config.steps)
     for objective, betas in config.betas.items():
@@ -66,7 +69,7 @@ def _router_plans(model: Model, config: QualityBenchConfig, out: Path) -> dict[s
                 with tqdm(total=train.iterations, desc=f"train {name}", unit="update", leave=False) as bar:
                     train_and_save(model, train, path, eval_samples=20, on_progress=lambda p: bar.update(1))
             router, _ = load_router(path, target)
-            plan = make_plan(plan_method(objective), config.steps, len(model.branch_layout), router=router)
+            plan = make_plan(plan_method(objective), config.steps, model.branch_layout, router)
             plans[name] = (objective, plan)
     return plans
 
@@ -85,19 +88,23 @@ def run_quality_bench(config: QualityBenchConfig, out: Path) -> dict[str, Any]:
             replace(request, steps=steps),
             none_plan(steps, n),
         )
+    layout = model.branch_layout
     for interval in config.fora:
-        methods[f"fora n={interval}"] = ("fora", request, fora_plan(config.steps, n, interval))
-    for name, (family, plan) in _router_plans(model, config, out).items():
-        methods[name] = (family, request, plan)
+        methods[f"fora n={interval}"] = ("fora", request, make_plan("fora", config.steps, layout, interval=interval))
+    for interval, usage in config.delta:
+        plan = make_plan("delta", config.steps, layout, interval=interval, usage=usage)
+        methods[f"delta n={interval} u={usage:g}"] = ("delta", request, plan)
+    for name, (group, plan) in _router_plans(model, config, out).items():
+        methods[name] = (group, request, plan)
 
     profile = model.mac_profile(*model.check_size(None, None))
     full_macs = profile.generation_macs(None, config.steps, config.guidance > 1)
     rows = []
-    for name, (family, req, plan) in tqdm(methods.items(), desc="measure"):
+    for name, (group, req, plan) in tqdm(methods.items(), desc="measure"):
         quality = plan_quality(model, plan, req, reference)
         if req.steps != config.steps:  # fewer steps: speedup against the T-step uncached generation
             quality["theoretical_speedup"] = full_macs / profile.generation_macs(None, req.steps, config.guidance > 1)
-        rows.append({"method": name, "family": family} | quality)
+        rows.append({"method": name, "group": group} | quality)
 
     timing = {name: (_with_batch(req, config.timing_batch), plan) for name, (_, req, plan) in methods.items()}
     seconds, _ = interleaved_latencies(model, timing, config.timing_repeats)
@@ -145,14 +152,14 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"none": "k*", "fewer steps": "s-", "fora": "^-", "l2c": "v-", "ltc": "D-", "iepo": "o-"}
+    styles = {"none": "k*", "fewer steps": "s-", "fora": "^-", "delta": "x-", "l2c": "v-", "ltc": "D-", "iepo": "o-"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for family, style in styles.items():
-        points = sorted((r for r in rows if r["family"] == family), key=lambda r: r["theoretical_speedup"])
+    for group, style in styles.items():
+        points = sorted((r for r in rows if r["group"] == group), key=lambda r: r["theoretical_speedup"])
         if not points:
             continue
         x = [p["theoretical_speedup"] for p in points]
-        label = "HarmoniCa (iepo)" if family == "iepo" else family
+        label = "HarmoniCa (iepo)" if group == "iepo" else group
         axes[0].plot(x, [min(p["psnr"], 60) for p in points], style, label=label)
         axes[1].plot(x, [p.get("frechet", float("nan")) for p in points], style, label=label)
     axes[0].set_ylabel("PSNR vs uncached, dB (higher is better; capped at 60)")

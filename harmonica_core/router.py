@@ -16,12 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .cache.methods import DEFAULT_THRESHOLD
+from .cache.plan import CachePlan
 from .catalog import read_router_metadata
-from .schedules import CachePlan
 
 PINNED_LOGIT = 5.0  # row 0: the first step always computes (sigmoid(5) ~ 0.993)
 LOGIT_BOUND = 5.0
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the inference method is `method`, no longer `quality.method`
 
 
 class RouterMismatchError(ValueError):
@@ -64,7 +65,7 @@ class Router(nn.Module):
         self.logits[0] = PINNED_LOGIT
 
     @torch.no_grad()
-    def plan(self, threshold: float = 0.1) -> CachePlan:
+    def plan(self, threshold: float = DEFAULT_THRESHOLD) -> CachePlan:
         """The static inference plan: compute where r > threshold (computed once per generation)."""
         return CachePlan.from_rows((self() > threshold).tolist())
 
@@ -85,10 +86,11 @@ class RouterTarget:
 @dataclass
 class RouterMetadata:
     target: RouterTarget
-    threshold: float = 0.1
+    threshold: float = DEFAULT_THRESHOLD
     model_name: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
+    method: str = "harmonica"  # the cache method it runs under (`l2c` routers alternate full steps)
     format_version: int = FORMAT_VERSION
 
 

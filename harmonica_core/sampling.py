@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .cache import CacheConfig, apply_branch_cache, remove_branch_cache
+from .cache.hooks import CacheConfig, branch_cache
+from .cache.methods import none_plan
+from .cache.plan import CachePlan
+from .families import Conditioning
 from .models import Model
-from .schedules import CachePlan, none_plan
 
 StepCallback = Callable[[int, int], None]  # (steps done, total); raise GenerationCancelled to stop
 
@@ -58,6 +60,15 @@ class GenerationRequest:
     height: int | None = None
     width: int | None = None
 
+    @classmethod
+    def from_request(cls, req: Mapping[str, Any]) -> GenerationRequest:
+        """From a validated request (`validation.validate_generation`: the API's field names)."""
+        return cls(
+            class_labels=req["class_labels"], prompts=req["prompts"], num_images_per_prompt=req["num_images"],
+            steps=req["steps"], scheduler=req["scheduler"], guidance=req["guidance"], seed=req["seed"],
+            height=req["height"], width=req["width"],
+        )  # fmt: skip
+
 
 @dataclass
 class GenerationStats:
@@ -90,73 +101,6 @@ class GenerationResult:
     labels: list[str] = field(default_factory=list)  # one caption per image (class id or prompt)
 
 
-@dataclass
-class Conditioning:
-    """Transformer keyword inputs for the whole batch the transformer sees (CFG-doubled when `cfg`)."""
-
-    kwargs: dict[str, Any]
-    images: int
-    cfg: bool
-    uncond_first: bool
-    text_len: int
-    captions: list[str]
-
-
-def build_conditioning(model: Model, request: GenerationRequest) -> Conditioning:
-    """The CFG batch exactly as the family's diffusers pipeline builds it."""
-    device, cfg = model.device, request.guidance > 1
-    if model.family == "dit":
-        if not request.class_labels:
-            raise ValueError(f"{model.name} is class-conditional: give class labels")
-        bad = [y for y in request.class_labels if not 0 <= y < model.num_classes]
-        if bad:
-            raise ValueError(f"class labels must be in [0, {model.num_classes - 1}] for {model.name}; got {bad}")
-        labels = [y for y in request.class_labels for _ in range(request.num_images_per_prompt)]
-        y = torch.tensor(labels, device=device)
-        if cfg:  # [cond; uncond]; the null class is the last embedding row
-            y = torch.cat([y, torch.full_like(y, model.num_classes)])
-        captions = [model.labels.get(v, str(v)) for v in labels]
-        return Conditioning({"class_labels": y}, len(labels), cfg, False, 0, captions)
-    if model.pipeline is None:
-        raise ValueError(f"{model.name} has no pipeline to encode prompts with")
-    pe = request.prompt_embeddings
-    if pe is None and not request.prompts:
-        raise ValueError(f"{model.name} is text-to-image: give prompts")
-    if pe is None and model.pipeline.text_encoder is None:
-        raise ValueError(f"{model.name} has no text encoder: give precomputed prompt embeddings")
-    embeds, mask, neg, neg_mask = model.pipeline.encode_prompt(
-        request.prompts if pe is None else None,
-        do_classifier_free_guidance=cfg,
-        negative_prompt="" if pe is None else None,
-        num_images_per_prompt=request.num_images_per_prompt,
-        device=device,
-        prompt_embeds=None if pe is None else pe.embeds.to(device),
-        prompt_attention_mask=None if pe is None else pe.mask.to(device),
-        negative_prompt_embeds=None if pe is None or pe.negative_embeds is None else pe.negative_embeds.to(device),
-        negative_prompt_attention_mask=None if pe is None or pe.negative_mask is None else pe.negative_mask.to(device),
-        clean_caption=False,
-        max_sequence_length=model.max_sequence_length,
-    )
-    images = embeds.shape[0]
-    if cfg:  # [uncond; cond]
-        embeds, mask = torch.cat([neg, embeds]), torch.cat([neg_mask, mask])
-    height, width = model.check_size(request.height, request.width)
-    added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
-    if model.transformer.config.sample_size == 128:
-        resolution = torch.tensor([height, width]).repeat(images, 1).to(embeds.dtype).to(device)
-        aspect = torch.tensor([float(height / width)]).repeat(images, 1).to(embeds.dtype).to(device)
-        if cfg:
-            resolution, aspect = torch.cat([resolution, resolution]), torch.cat([aspect, aspect])
-        added = {"resolution": resolution, "aspect_ratio": aspect}
-    captions = (
-        [p for p in request.prompts for _ in range(request.num_images_per_prompt)]
-        if request.prompts
-        else [f"embedding {i}" for i in range(images)]
-    )
-    kwargs = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask, "added_cond_kwargs": added}
-    return Conditioning(kwargs, images, cfg, True, embeds.shape[1], captions)
-
-
 def predict_noise(
     model: Model, scheduler: Any, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float
 ) -> torch.Tensor:
@@ -165,13 +109,7 @@ def predict_noise(
     batch = scheduler.scale_model_input(batch, t)
     timestep = t[None].to(x.device).expand(batch.shape[0])
     out = model.transformer(batch, timestep=timestep, return_dict=False, **cond.kwargs)[0]
-    if cond.cfg:
-        first, second = out.chunk(2)
-        uncond, guided = (first, second) if cond.uncond_first else (second, first)
-        out = uncond + guidance * (guided - uncond)
-    if model.transformer.config.out_channels // 2 == model.latent_channels:  # learned sigma
-        out = out[:, : model.latent_channels]
-    return out
+    return model.spec.guide(model, out, cond, guidance)
 
 
 def initial_noise(model: Model, scheduler: Any, images: int, height: int, width: int, seed: int) -> torch.Tensor:
@@ -184,9 +122,7 @@ def initial_noise(model: Model, scheduler: Any, images: int, height: int, width:
 def decode(model: Model, latents: torch.Tensor) -> torch.Tensor:
     """Latents (or pixels) to images in [0, 1], as the pipelines do."""
     if model.vae is not None:
-        scale = model.vae.config.scaling_factor
-        # DiTPipeline multiplies by 1/s, PixArt divides by s: the rounding differs, so mirror each
-        latents = 1 / scale * latents if model.family == "dit" else latents / scale
+        latents = model.spec.unscale_latents(latents, model.vae.config.scaling_factor)  # each pipeline's rounding
         latents = model.vae.decode(latents, return_dict=False)[0]
     return (latents / 2 + 0.5).clamp(0, 1)
 
@@ -215,15 +151,14 @@ def generate(
         raise ValueError(
             f"the plan is {plan.steps} steps x {plan.branches} branches but this run needs {request.steps} x {branches}"
         )
-    cond = build_conditioning(model, request)
+    cond = model.spec.conditioning(model, request)
     scheduler = model.make_scheduler(request.scheduler, request.steps)
     latents = initial_noise(model, scheduler, cond.images, height, width, request.seed)
     extra = step_kwargs(scheduler, request.seed)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
 
-    state = apply_branch_cache(model.transformer, CacheConfig(plan=plan))
     step_seconds: list[float] = []
-    try:
+    with branch_cache(model.transformer, CacheConfig(plan=plan)) as state:
         sync()
         start = last = time.perf_counter()
         for k, t in enumerate(scheduler.timesteps):
@@ -237,8 +172,6 @@ def generate(
         images = decode(model, latents).float().cpu()
         sync()
         total = time.perf_counter() - start
-    finally:
-        remove_branch_cache(model.transformer)
 
     profile = model.mac_profile(height, width, cond.text_len)
     speedup = profile.generation_macs(None, request.steps, cond.cfg) / profile.generation_macs(

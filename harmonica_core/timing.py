@@ -5,9 +5,9 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 
+from .cache.plan import CachePlan
 from .models import Model
 from .sampling import GenerationRequest, GenerationStats, generate
-from .schedules import CachePlan
 
 
 def interleaved_latencies(

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .cache.methods import DEFAULT_THRESHOLD, METHODS, NEEDS_ROUTER, parameters
 from .catalog import LAMBDA_MODES, MODELS, OBJECTIVES, SCHEDULER_NAMES, read_router_metadata
-from .schedules import METHODS, NEEDS_ROUTER
+from .families import FAMILIES
 
 __all__ = [
     "GENERATION_BOUNDS",
@@ -97,8 +98,7 @@ GENERATION_BOUNDS: dict[str, dict[str, float]] = {
     "seed": _SEED,
     "height": {"ge": 8},
     "width": {"ge": 8},
-    "acceleration.threshold": {"ge": 0, "le": 1},
-    "acceleration.interval": {"ge": 1, "le": 1000},
+    **{f"acceleration.{name}": dict(param.bounds) for name, param in parameters().items()},
 }
 TRAINING_BOUNDS: dict[str, dict[str, float]] = {
     "steps": {"ge": 2},
@@ -170,8 +170,8 @@ class RouterInfo:
             model=metadata.get("model_name", ""),
             scheduler=metadata.get("training", {}).get("scheduler", ""),
             steps=int(metadata["target"]["steps"]),
-            method=metadata.get("quality", {}).get("method", "harmonica"),
-            threshold=metadata.get("threshold", 0.1),
+            method=metadata["method"],
+            threshold=metadata.get("threshold", DEFAULT_THRESHOLD),
         )
 
     @classmethod
@@ -216,28 +216,31 @@ def validate_generation(
             raise InvalidRequest(name, f"{name} must list at least one entry; omit it for the default")
     model, labels, prompts = req["model"], req.get("class_labels"), req.get("prompts")
     info = MODELS.get(model)
-    if info is not None and info.family == "dit":
+    family = FAMILIES[info.family] if info is not None else None  # a local folder's is known once it loads
+    if family is not None and family.class_conditional:
         if prompts is not None:
             raise InvalidRequest("prompts", f"{model} is class-conditional: give class_labels, not prompts")
         labels = req["class_labels"] = labels or default_class_labels(info.num_classes)
         if any(not 0 <= label < info.num_classes for label in labels):
             raise InvalidRequest("class_labels", f"class labels must be in [0, {info.num_classes - 1}] for {model}")
-        for side in ("height", "width"):
-            if req.get(side) not in (None, info.size):
-                raise InvalidRequest(side, f"{model} generates {info.size}x{info.size} images only; omit {side}")
     else:
-        if info is not None and (labels is not None or not prompts):
+        if family is not None and (labels is not None or not prompts):
             raise InvalidRequest("prompts", f"{model} is text-to-image: give prompts, not class_labels")
         if prompts:
             longest = max(len(prompt) for prompt in prompts)
             _limit("prompts", longest, limits.max_prompt_chars, "the longest prompt's length in characters")
-        largest = limits.max_resolution if info is None else min(info.max_size, limits.max_resolution)
-        for side in ("height", "width"):
-            value = req.get(side)
-            if value is not None:
-                if info is not None and value % 16:
-                    raise InvalidRequest(side, f"{side} must be a multiple of 16, got {value}")
-                _limit(side, value, largest, side)
+    largest = limits.max_resolution if info is None else min(info.max_size, limits.max_resolution)
+    for side in ("height", "width"):
+        value = req.get(side)
+        if value is None:
+            continue
+        if family is not None and family.size_multiple is None:  # the model's own size only
+            if value != info.size:
+                raise InvalidRequest(side, f"{model} generates {info.size}x{info.size} images only; omit {side}")
+        elif family is not None and value % family.size_multiple:
+            raise InvalidRequest(side, f"{side} must be a multiple of {family.size_multiple}, got {value}")
+        else:
+            _limit(side, value, largest, side)
     groups = len(labels or prompts or [None])
     _limit("num_images", groups * req["num_images"], limits.max_images_per_job, "the number of images in this job")
     method = accel["method"]

@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny random diffusers pipelines saved with save_pretrained, and the built-in digits model."""
+"""Shared fixtures: tiny random diffusers pipelines saved with save_pretrained, and the built-in digits model.
+
+Each test is marked by its folder: `unit` (no service), `service` (real redis-server and worker processes),
+`deploy` (docker-compose, promtool, a real Prometheus); `pytest -m unit` runs one kind."""
 
 from __future__ import annotations
 
@@ -19,6 +22,15 @@ from diffusers import (
 
 from harmonica_core.models import Model, load_model
 from harmonica_core.sampling import PromptEmbeddings
+
+KINDS = ("unit", "service", "deploy")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = next((part for part in item.path.parts[::-1] if part in KINDS), None)
+        if kind is not None:
+            item.add_marker(kind)
 
 
 @pytest.fixture(scope="session")

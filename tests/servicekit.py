@@ -27,9 +27,9 @@ import psutil
 import redis
 from fastapi.testclient import TestClient
 
+from app.contract.jobs import Job, JobStore, new_job_id, now
+from app.contract.settings import get_settings
 from app.embedded_redis import EmbeddedRedis, free_port
-from app.jobs import Job, JobStore, new_job_id, now
-from app.settings import get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # A short lease and reconcile interval so a dead worker's job comes back in seconds; one torch thread per
@@ -158,9 +158,12 @@ def queued_job(store: JobStore, kind: str = "generate", owner: str = "alice") ->
 
 def imported_modules(*modules: str) -> set[str]:
     """Top-level packages a fresh interpreter has loaded after importing `modules`."""
-    probe = (
-        f"import json, sys, {', '.join(modules)}; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
-    )
+    return {name.split(".")[0] for name in loaded_modules(*modules)}
+
+
+def loaded_modules(*modules: str) -> set[str]:
+    """Every module a fresh interpreter has loaded after importing `modules`."""
+    probe = f"import json, sys, {', '.join(modules)}; print(json.dumps(sorted(sys.modules)))"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=180)  # fmt: skip

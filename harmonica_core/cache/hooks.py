@@ -1,26 +1,29 @@
 """Branch cache on diffusers DiT/PixArt transformers, built from diffusers `ModelHook`s (ALGORITHM.md §1).
 
-One `BranchHook` wraps each `attn1`/`attn2`/`ff` module and one `StepHook` on the transformer counts the
-denoising steps. The compute-or-reuse decision is a Python lookup into the plan row of the current step,
-so a reused branch never runs its module and the hot path has no tensor comparison or device sync.
+One `BranchHook` wraps each branch module (attn1/attn2/ff) and one `StepHook` on the transformer counts
+the denoising steps. The compute-or-reuse decision is a Python lookup into the plan row of the current
+step, so a reused branch never runs its module and the hot path has no tensor comparison or device sync.
+What a reused branch returns is the config's `ReuseStrategy` (today: its last computed output).
 
 Example:
-    >>> state = apply_branch_cache(pipe_transformer, CacheConfig(plan=fora_plan(20, n_branches, 3)))
-    >>> ...  # run the denoising loop; state.computed / state.reused count branch evaluations
-    >>> remove_branch_cache(pipe_transformer)
+    >>> with branch_cache(pipe_transformer, CacheConfig(plan=fora_plan(20, n_branches, 3))) as state:
+    ...     ...  # run the denoising loop; state.computed / state.reused count branch evaluations
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from .branches import Branch, find_branches
-from .schedules import CachePlan
+from ..branches import Branch, find_branches
+from .methods import DEFAULT_THRESHOLD
+from .plan import CachePlan
 
 BRANCH_HOOK = "harmonica_branch_cache"
 STEP_HOOK = "harmonica_step_counter"
@@ -28,6 +31,33 @@ STEP_HOOK = "harmonica_step_counter"
 
 class CacheError(ValueError):
     """The model cannot be cached as asked (chunked feed-forward, a plan of the wrong shape, ...)."""
+
+
+class ReuseStrategy(Protocol):
+    """What a reused branch returns, from what its computed evaluations left: `store` is called with every
+    computed (or, in training, mixed) output, `recall` for every reused one; `reset` starts a generation."""
+
+    def reset(self, branches: int) -> None: ...
+
+    def store(self, index: int, step: int, out: torch.Tensor) -> None: ...
+
+    def recall(self, index: int, step: int) -> torch.Tensor | None: ...
+
+
+class CopyReuse:
+    """The branch's last stored output, as is (FORA, L2C and HarmoniCa reuse this way)."""
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor | None] = []
+
+    def reset(self, branches: int) -> None:
+        self.values = [None] * branches
+
+    def store(self, index: int, step: int, out: torch.Tensor) -> None:
+        self.values[index] = out
+
+    def recall(self, index: int, step: int) -> torch.Tensor | None:
+        return self.values[index]
 
 
 @dataclass
@@ -38,13 +68,15 @@ class CacheConfig:
         plan (`CachePlan`): inference mode; True computes, False reuses the cached output.
         soft_weights (`Tensor`, [T, N]): training mode instead of `plan`: each branch returns
             `r * fresh + (1 - r) * cached` with r = soft_weights[step, branch] (SDT, ALGORITHM.md §3).
-        update_threshold (`float`, defaults to 0.1): in training mode, the cache entry is overwritten
-            only where r > threshold (tau_train).
+        update_threshold (`float`, defaults to `DEFAULT_THRESHOLD`, 0.1): in training mode, the cache entry
+            is overwritten only where r > threshold (tau_train).
+        reuse (`ReuseStrategy`, defaults to `CopyReuse()`): what a reused branch returns.
     """
 
     plan: CachePlan | None = None
     soft_weights: torch.Tensor | None = None
-    update_threshold: float = 0.1
+    update_threshold: float = DEFAULT_THRESHOLD
+    reuse: ReuseStrategy = field(default_factory=CopyReuse)
 
 
 @dataclass
@@ -57,18 +89,34 @@ class CacheState:
     computed: int = 0
     reused: int = 0
     bypass: bool = False  # teacher passes: run everything, touch nothing
-    values: list[torch.Tensor | None] = field(default_factory=list)
     row: tuple[bool, ...] = ()
     batch_shape: tuple[int, ...] | None = None
 
     def reset(self) -> None:
         """Start a new generation: empty cache, step counter and counts back to zero."""
-        self.step, self.computed, self.reused, self.batch_shape = -1, 0, 0, None
-        self.values = [None] * len(self.branches)
+        self.restart(0)
+
+    def restart(self, at_step: int) -> None:
+        """An empty cache whose next transformer call is step `at_step` (training starts mid-trajectory)."""
+        self.step, self.computed, self.reused, self.batch_shape = at_step - 1, 0, 0, None
+        self.config.reuse.reset(len(self.branches))
+
+    def use_weights(self, weights: torch.Tensor) -> None:
+        """Training: the soft router values [T, N] the next steps mix with."""
+        self.config.soft_weights = weights
+
+    @contextmanager
+    def teacher(self) -> Iterator[None]:
+        """Calls inside run every branch and leave the cache and the step count untouched."""
+        self.bypass = True
+        try:
+            yield
+        finally:
+            self.bypass = False
 
     def begin_step(self, batch_shape: tuple[int, ...]) -> None:
         if batch_shape != self.batch_shape:  # cached tensors would not broadcast: start over
-            self.values = [None] * len(self.branches)
+            self.config.reuse.reset(len(self.branches))
             self.batch_shape = batch_shape
         self.step += 1
         plan = self.config.plan
@@ -114,10 +162,10 @@ class BranchHook(ModelHook):
         self.index = index
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        state, i = self.state, self.index
+        state, i, reuse = self.state, self.index, self.state.config.reuse
         if state.bypass:
             return self.fn_ref.original_forward(*args, **kwargs)
-        cached = state.values[i]
+        cached = reuse.recall(i, state.step)
         if state.config.soft_weights is not None:
             fresh = self.fn_ref.original_forward(*args, **kwargs)
             state.computed += 1
@@ -127,11 +175,11 @@ class BranchHook(ModelHook):
                 r = state.config.soft_weights[state.step, i]
                 out = r * fresh + (1 - r) * cached
             if cached is None or state.row[i]:
-                state.values[i] = out.detach()
+                reuse.store(i, state.step, out.detach())
             return out
         if state.row[i] or cached is None:
             out = self.fn_ref.original_forward(*args, **kwargs)
-            state.values[i] = out
+            reuse.store(i, state.step, out)
             state.computed += 1
             return out
         state.reused += 1
@@ -162,6 +210,16 @@ def apply_branch_cache(transformer: nn.Module, config: CacheConfig) -> CacheStat
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(StepHook(state), STEP_HOOK)
     transformer._harmonica_cache = state
     return state
+
+
+@contextmanager
+def branch_cache(transformer: nn.Module, config: CacheConfig) -> Iterator[CacheState]:
+    """The cache attached for the block's duration: generation (a plan) or training (soft weights)."""
+    state = apply_branch_cache(transformer, config)
+    try:
+        yield state
+    finally:
+        remove_branch_cache(transformer)
 
 
 def remove_branch_cache(transformer: nn.Module) -> None:

@@ -1,50 +1,53 @@
-"""Cache plans and the factories that make them: none, fora, l2c, harmonica (ALGORITHM.md §2, §5)."""
+"""Cache methods: the one registry the CLI, the HTTP schema, request validation, the workers and the
+metric labels read (ALGORITHM.md §2, §5).
+
+A method is a `MethodSpec`: its name, what it does, whether it needs a trained router, its parameters
+(with defaults and bounds) and the factory that turns them into a `CachePlan` for a model's branch
+layout. To add a method, write its factory in a module of this package and add its spec to `METHODS`.
+Torch-free: a router is only handed through to the factories that need one.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # keep this module torch-free for light importers
-    from .router import Router
+from .delta import delta_plan
+from .plan import CachePlan
+
+if TYPE_CHECKING:
+    from ..router import Router
+
+DEFAULT_THRESHOLD = 0.1  # a router's compute/reuse threshold tau, in training and at inference
 
 
 @dataclass(frozen=True)
-class CachePlan:
-    """A static [steps x branches] table: `compute[k][i]` is True where branch i runs at step k.
+class Param:
+    """A method parameter as every entry point shows it: the CLI flag `--<name>` and the HTTP field
+    `acceleration.<name>`. `default` None means the method fills it in (the router's own threshold)."""
 
-    Plain Python tuples, so the per-branch decision during sampling is a list lookup.
-    """
+    name: str
+    type: type
+    default: Any
+    bounds: Mapping[str, float]  # pydantic-style constraints: ge, gt, le, lt
+    help: str
 
-    compute: tuple[tuple[bool, ...], ...]
 
-    def __post_init__(self) -> None:
-        widths = {len(row) for row in self.compute}
-        if len(widths) > 1:
-            raise ValueError("every plan row must have the same number of branches")
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    description: str
+    factory: Callable[..., CachePlan]  # (steps, layout, router, **params) -> CachePlan
+    params: tuple[Param, ...] = ()
+    needs_router: bool = False
 
-    @property
-    def steps(self) -> int:
-        return len(self.compute)
-
-    @property
-    def branches(self) -> int:
-        return len(self.compute[0]) if self.compute else 0
-
-    @property
-    def reused(self) -> list[list[bool]]:
-        return [[not c for c in row] for row in self.compute]
-
-    @property
-    def cache_usage_rate(self) -> float:
-        """Reused branch evaluations / (T x N), as planned (ALGORITHM.md §6)."""
-        total = self.steps * self.branches
-        return sum(row.count(False) for row in self.compute) / total if total else 0.0
-
-    @classmethod
-    def from_rows(cls, rows: Sequence[Sequence[bool]]) -> CachePlan:
-        return cls(tuple(tuple(bool(c) for c in row) for row in rows))
+    def plan(self, steps: int, layout: Sequence[str], router: Router | None = None, **params: Any) -> CachePlan:
+        """The plan for `steps` steps of a model with these branches (names `<block>.<kind>`)."""
+        if self.needs_router and router is None:
+            raise ValueError(f"method {self.name!r} needs a router (train one with `harmonica train-router`)")
+        values = {p.name: p.default if params.get(p.name) is None else params[p.name] for p in self.params}
+        return self.factory(steps, layout, router, **values)
 
 
 def none_plan(steps: int, branches: int) -> CachePlan:
@@ -59,43 +62,104 @@ def fora_plan(steps: int, branches: int, interval: int = 2) -> CachePlan:
     return CachePlan.from_rows([[k % interval == 0] * branches for k in range(steps)])
 
 
-def harmonica_plan(router: Router, threshold: float = 0.1) -> CachePlan:
-    """HarmoniCa: compute branch i at step k iff sigmoid(P[k, i]) > threshold; step 0 always computes."""
-    return router.plan(threshold)
-
-
-def l2c_plan(router: Router, threshold: float = 0.1) -> CachePlan:
+def l2c_plan(router: Router, threshold: float = DEFAULT_THRESHOLD) -> CachePlan:
     """Learning-to-Cache: odd steps (1st, 3rd, ...) run in full, the others follow the router."""
     routed = router.plan(threshold).compute
     return CachePlan.from_rows([[True] * len(row) if k % 2 == 0 else row for k, row in enumerate(routed)])
 
 
-METHODS: dict[str, str] = {
-    "none": "no caching: every branch computes at every step",
-    "fora": "FORA: all branches every n-th step (--interval n), reused in between",
-    "l2c": "Learning-to-Cache: alternate full steps and router-decided steps (needs an l2c router)",
-    "harmonica": "HarmoniCa: a learned router decides each branch at each step (needs a router)",
+THRESHOLD = Param(
+    "threshold",
+    float,
+    None,
+    {"ge": 0, "le": 1},
+    "compute a branch where the router value exceeds this (default: the router's training threshold); lower "
+    "means more computation and higher quality",
+)
+INTERVAL = Param("interval", int, 2, {"ge": 1, "le": 1000}, "compute every N-th step in full, reuse in between")
+USAGE = Param("usage", float, 0.4, {"gt": 0, "lt": 1}, "target cache usage rate (share of branch evaluations reused)")
+
+
+# Factories with the registry's signature: (steps, layout, router, **params) -> CachePlan.
+def _none(steps: int, layout: Sequence[str], _: Router | None) -> CachePlan:
+    return none_plan(steps, len(layout))
+
+
+def _fora(steps: int, layout: Sequence[str], _: Router | None, interval: int) -> CachePlan:
+    return fora_plan(steps, len(layout), interval)
+
+
+def _delta(steps: int, layout: Sequence[str], _: Router | None, interval: int, usage: float) -> CachePlan:
+    return delta_plan(steps, layout, usage, interval)
+
+
+# A router method's threshold defaults to the router file's own, which validation fills in; a library caller
+# that gives none gets DEFAULT_THRESHOLD, the value every router is trained with unless told otherwise.
+def _l2c(_: int, __: Sequence[str], router: Router, threshold: float | None) -> CachePlan:
+    return l2c_plan(router, DEFAULT_THRESHOLD if threshold is None else threshold)
+
+
+def _harmonica(_: int, __: Sequence[str], router: Router, threshold: float | None) -> CachePlan:
+    """HarmoniCa: compute branch i at step k iff sigmoid(P[k, i]) > threshold; step 0 always computes."""
+    return router.plan(DEFAULT_THRESHOLD if threshold is None else threshold)
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("none", "no caching: every branch computes at every step", _none),
+        MethodSpec("fora", "FORA: all branches every n-th step (interval n), reused in between", _fora, (INTERVAL,)),
+        MethodSpec(
+            "delta",
+            "Delta-DiT-style static schedule: between full steps every `interval`, reuse the rear blocks early and "
+            "the front blocks late, as many as reach the target `usage`",
+            _delta,
+            (INTERVAL, USAGE),
+        ),
+        MethodSpec(
+            "l2c",
+            "Learning-to-Cache: alternate full steps and router-decided steps (needs an l2c router)",
+            _l2c,
+            (THRESHOLD,),
+            needs_router=True,
+        ),
+        MethodSpec(
+            "harmonica",
+            "HarmoniCa: a learned router decides each branch at each step (needs a router)",
+            _harmonica,
+            (THRESHOLD,),
+            needs_router=True,
+        ),
+    )
 }
-NEEDS_ROUTER = frozenset({"l2c", "harmonica"})
+NEEDS_ROUTER = frozenset(name for name, spec in METHODS.items() if spec.needs_router)
 
 
-def make_plan(
-    method: str,
-    steps: int,
-    branches: int,
-    *,
-    router: Router | None = None,
-    threshold: float = 0.1,
-    interval: int = 2,
-) -> CachePlan:
-    """One entry for every method name in `METHODS`."""
+def parameters() -> dict[str, Param]:
+    """Every method parameter by name (methods that share a name share the `Param`)."""
+    found: dict[str, Param] = {}
+    for spec in METHODS.values():
+        for param in spec.params:
+            if found.setdefault(param.name, param) is not param:
+                raise ValueError(f"two methods define the parameter {param.name!r} differently")
+    return found
+
+
+def methods_using(param: Param) -> str:
+    """The names of the methods that take `param`, for help texts."""
+    return ", ".join(name for name, spec in METHODS.items() if param in spec.params)
+
+
+def make_plan(method: str, steps: int, layout: Sequence[str], router: Router | None = None, **params: Any) -> CachePlan:
+    """One entry for every method name in `METHODS`; `params` are its parameters (None: the default)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method in NEEDS_ROUTER:
-        if router is None:
-            raise ValueError(f"method {method!r} needs a router (train one with `harmonica train-router`)")
-        factory: Callable[[Router, float], CachePlan] = harmonica_plan if method == "harmonica" else l2c_plan
-        return factory(router, threshold)
-    if method == "fora":
-        return fora_plan(steps, branches, interval)
-    return none_plan(steps, branches)
+    return METHODS[method].plan(steps, layout, router, **params)
+
+
+def plan_from_request(
+    acceleration: Mapping[str, Any], steps: int, layout: Sequence[str], router: Router | None
+) -> CachePlan:
+    """The plan a validated request's `acceleration` (method, router_id and the parameters) asks for."""
+    params = {name: acceleration.get(name) for name in parameters()}
+    return make_plan(acceleration["method"], steps, layout, router, **params)

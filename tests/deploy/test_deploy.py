@@ -33,9 +33,8 @@ import redis
 import yaml
 
 from app.embedded_redis import free_port
-from tests.servicekit import Worker, http_json, imported_modules, redis_database, wait_until
+from tests.servicekit import ROOT, Worker, http_json, imported_modules, redis_database, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 CPU_FILE = DOCKER / "compose.cpu.yml"
@@ -190,7 +189,7 @@ _METRIC_CLASS = re.compile(
 def exported_series() -> dict[str, str]:
     """Every series name the service's code exports -> the metric that defines it.
 
-    Read from the sources: the definitions in app/metrics.py, the gateway's scrape-time collector
+    Read from the sources: the definitions in app/contract/metrics.py, the gateway's scrape-time collector
     (GaugeMetricFamily in app/), and anything the workers define; with the suffixes prometheus-client
     adds (counters: _total; histograms: _bucket, _sum, _count).
     """
@@ -315,7 +314,7 @@ def test_env_example(gpu_stack: dict[str, Any]) -> None:
     assert documented - used - {"COMPOSE_FILE"} == set(), ".env.example variables that no compose file passes on"
 
     pytest.importorskip("pydantic_settings")
-    from app.settings import Settings
+    from app.contract.settings import Settings
 
     values = dict(re.findall(r"^(HARMONICA_[A-Z0-9_]+)=(.*)$", ENV_EXAMPLE.read_text(), re.MULTILINE))
     fields = {f"HARMONICA_{name.upper()}" for name in Settings.model_fields}
@@ -329,8 +328,8 @@ def test_env_example(gpu_stack: dict[str, Any]) -> None:
 @needs_compose
 def test_stop_grace_period_covers_soft_shutdown(gpu_stack: dict[str, Any]) -> None:
     pytest.importorskip("celery")
-    from app.queue import make_celery
-    from app.settings import Settings
+    from app.contract.queue import make_celery
+    from app.contract.settings import Settings
 
     soft_shutdown = make_celery(Settings(_env_file=None)).conf.worker_soft_shutdown_timeout
     for name, worker in worker_services(gpu_stack).items():

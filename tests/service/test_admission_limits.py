@@ -26,9 +26,9 @@ from typing import Any
 import psutil
 import redis
 
+from app.api.keys import digest
+from app.contract.jobs import JobStore
 from app.embedded_redis import free_port
-from app.jobs import JobStore
-from app.keys import digest
 from tests.servicekit import ROOT, http_json, metric_value, redis_database, wait_until
 
 MiB = 1 << 20

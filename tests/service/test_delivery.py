@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.jobs import JobStore
+from app.contract.jobs import JobStore
 from tests.servicekit import Worker, finished, gateway_on, poll_job, redis_server
 
 JOB = {"class_labels": list(range(10)), "num_images": 1, "steps": 50}  # ~5 s on a 2-core CPU

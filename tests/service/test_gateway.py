@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from app.jobs import new_job_id
-from app.keys import digest, load_keys
-from app.keys import main as keys_cli
-from app.registry import RouterRegistry, trained_router_id
-from app.settings import Settings, get_settings
+from app.api.keys import digest, load_keys
+from app.api.keys import main as keys_cli
+from app.contract.jobs import new_job_id
+from app.contract.registry import RouterRegistry, trained_router_id
+from app.contract.settings import Settings, get_settings
 from harmonica_core.catalog import builtin_routers
 from tests.servicekit import running_gateway
 

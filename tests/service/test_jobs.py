@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from app.jobs import Job, JobStore, new_job_id, now
+from app.contract.jobs import Job, JobStore, new_job_id, now
 from tests.servicekit import queued_job, redis_database
 
 

@@ -9,10 +9,10 @@ import time
 import pytest
 import redis
 
-from app.jobs import JobStore, new_job_id
-from app.queue import enqueue, make_celery
-from app.reconcile import Reconciler, delete_expired_artifacts, message_job_ids
-from app.settings import Settings
+from app.contract.jobs import JobStore, new_job_id
+from app.contract.queue import enqueue, make_celery
+from app.contract.reconcile import Reconciler, delete_expired_artifacts, message_job_ids
+from app.contract.settings import Settings
 from tests.servicekit import queued_job, redis_database
 
 LEASE = 5.0
@@ -51,6 +51,7 @@ def test_a_running_job_whose_lease_expired_is_requeued_after_a_second_look(store
     assert reconciler.sweep(at=start + LEASE / 2).requeued == []  # not yet: a live worker may still re-take it
     report = reconciler.sweep(at=start + LEASE)
     assert report.requeued == [job.id] and sent == [("generate", job.id)]
+    assert report.recovered == [("generate", "worker_lost")]  # what the worker records as a metric
     assert store.get(job.id).status == "queued" and store.queued("generate") == 1
     assert store.get(held.id).status == "running"  # a held lease is never taken
 
@@ -65,6 +66,7 @@ def test_a_queued_job_without_a_message_is_sent_again_and_one_with_a_message_is_
     reconciler.sweep(at=0)
     report = reconciler.sweep(at=LEASE)
     assert report.resent == [lost.id] and sent == [("train_router", lost.id)]
+    assert report.recovered == [("train_router", "message_lost")]
     enqueue(celery, lost.kind, lost.id)
     assert reconciler.sweep(at=2 * LEASE).suspects == 0
     assert store.redis.hlen("test:orphans") == 0  # suspicion is dropped once a message carries the job

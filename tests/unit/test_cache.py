@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harmonica_core.cache import CacheConfig, CacheError, apply_branch_cache, remove_branch_cache
+from harmonica_core.cache.hooks import CacheConfig, CacheError, apply_branch_cache, remove_branch_cache
+from harmonica_core.cache.methods import fora_plan, none_plan
+from harmonica_core.cache.plan import CachePlan
 from harmonica_core.sampling import GenerationRequest, generate
-from harmonica_core.schedules import CachePlan, fora_plan, none_plan
 
 
 def _assert_pristine(transformer: torch.nn.Module) -> None:

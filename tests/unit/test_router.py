@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from harmonica_core.cache.methods import l2c_plan, make_plan
 from harmonica_core.router import (
     PINNED_LOGIT,
     Router,
@@ -16,7 +17,6 @@ from harmonica_core.router import (
     read_router,
     save_router,
 )
-from harmonica_core.schedules import l2c_plan, make_plan
 
 
 def test_router_plan_pins_row_zero_and_thresholds():
@@ -44,7 +44,7 @@ def test_round_trip_and_refusal_of_mismatched_settings(digits, tmp_path):
     loaded, metadata = load_router(path, target)
     assert torch.equal(loaded.logits, router.logits)
     assert metadata.threshold == 0.2 and metadata.training == {"beta": 1e-7} and metadata.target == target
-    assert make_plan("harmonica", 10, len(digits.branch_layout), router=loaded) == router.plan(0.1)
+    assert make_plan("harmonica", 10, digits.branch_layout, loaded) == router.plan(0.1)
 
     with pytest.raises(RouterMismatchError, match=r"'steps'.*10.*20") as error:
         load_router(path, digits.router_target("ddim", 20))
@@ -70,10 +70,12 @@ def test_unreadable_router_files_are_refused_clearly(tmp_path):
 
 def test_methods_that_need_a_router_say_so():
     with pytest.raises(ValueError, match="needs a router"):
-        make_plan("harmonica", 10, 4)
+        make_plan("harmonica", 10, ["0.attn", "0.mlp"])
     with pytest.raises(ValueError, match="unknown method"):
-        make_plan("teacache", 10, 4)
-    assert make_plan("fora", 5, 2, interval=2).compute == ((True, True), (False, False)) * 2 + ((True, True),)
+        make_plan("teacache", 10, ["0.attn", "0.mlp"])
+    assert make_plan("fora", 5, ["0.attn", "0.mlp"], interval=2).compute == ((True, True), (False, False)) * 2 + (
+        (True, True),
+    )
 
 
 def test_fingerprint_follows_the_weights_not_the_folder(digits, tmp_path):

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from app.admission import admit_generate, admit_training
-from app.registry import RouterRegistry
-from app.schemas import GenerateRequest, TrainRouterRequest
-from app.settings import Settings
+from app.api.admission import admit_generate, admit_training
+from app.api.schemas import GenerateRequest, TrainRouterRequest
+from app.contract.registry import RouterRegistry
+from app.contract.settings import Settings
 from harmonica_core.catalog import builtin_routers
 from harmonica_core.cli import main
 from harmonica_core.validation import (

@@ -1,0 +1,85 @@
+"""Router training settings, without torch: the CLI's flags and the HTTP training request are derived
+from `TrainConfig`'s fields, defaults and help texts, so the three never disagree."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, get_type_hints
+
+from .cache.methods import DEFAULT_THRESHOLD
+from .catalog import LAMBDA_MODES, OBJECTIVES, SCHEDULER_NAMES
+from .validation import validate_training
+
+EVAL_SAMPLES = 100  # images generated to measure a trained router's quality
+
+
+def _help(text: str, choices: Sequence[str] = ()) -> dict[str, Any]:
+    return {"help": text, "choices": tuple(choices)}
+
+
+@dataclass
+class TrainConfig:
+    """Router training settings; stored in the router file's metadata.
+
+    `iterations` counts router updates (T - 1 per SDT trajectory). `beta` weighs the sum of router
+    values per step (pushes towards reuse); its scale depends on N and on the scale of lambda.
+    """
+
+    objective: str = field(
+        default="iepo",
+        metadata=_help(
+            "iepo: HarmoniCa (SDT + image-error proxy); ltc: SDT without the proxy; l2c: Learning-to-Cache from "
+            "real data",
+            OBJECTIVES,
+        ),
+    )
+    steps: int = field(default=20, metadata=_help("sampling steps T the router is for (it only runs at this T)"))
+    scheduler: str = field(default="ddim", metadata=_help("sampler the router is for", SCHEDULER_NAMES))
+    iterations: int = field(default=1000, metadata=_help("router updates"))
+    batch_size: int = field(default=8, metadata=_help("samples per training trajectory"))
+    lr: float = field(default=0.01, metadata=_help("Adam learning rate"))
+    beta: float = field(default=7e-8, metadata=_help("weight of the reuse pressure; higher = more cache use"))
+    tau: float = field(
+        default=DEFAULT_THRESHOLD, metadata=_help("cache-update threshold in training and the default at inference")
+    )
+    lambda_every: int = field(
+        default=100, metadata=_help("iepo: router updates between refreshes of the proxy weights")
+    )
+    lambda_mode: str = field(
+        default="cumulative", metadata=_help("iepo: how the proxy weights are measured", LAMBDA_MODES)
+    )
+    guidance: float = field(default=1.5, metadata=_help("guidance scale of the trajectories"))
+    seed: int = field(default=0, metadata=_help("seed of the training batches"))
+    # False: the released code's cost (weights take gradients, teacher keeps a graph); for benchmarks only
+    frozen: bool = field(default=True, metadata={"internal": True})
+
+    def validate(self) -> None:
+        """The bounds every entry point applies (`validation.TRAINING_BOUNDS`); data is the caller's concern."""
+        validate_training(asdict(self), None, data=True)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One user-facing training setting: the CLI flag `--<name>` and the HTTP field `<name>`."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...]
+
+
+def settings() -> list[Setting]:
+    """TrainConfig's user-facing fields, in order, with their types, defaults, help and choices."""
+    types = get_type_hints(TrainConfig)
+    return [
+        Setting(f.name, types[f.name], f.default, f.metadata["help"], f.metadata["choices"])
+        for f in fields(TrainConfig)
+        if not f.metadata.get("internal")
+    ]
+
+
+def plan_method(objective: str) -> str:
+    """The inference method a router trained with `objective` runs under (L2C alternates full steps)."""
+    return "l2c" if objective == "l2c" else "harmonica"
