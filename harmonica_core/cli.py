@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--scheduler", choices=list(SCHEDULERS), default="ddim")
     qb.add_argument("--samples", type=_positive, default=500, help="samples per method (fixed seeds)")
     qb.add_argument("--iterations", type=int, default=380, help="router updates per trained router")
+    qb.add_argument(
+        "--only", help="comma-separated method groups to run beside `none`: fewer-steps, fora, delta, iepo, ltc, l2c"
+    )
     qb.add_argument("--out", type=Path, default=Path("bench/results"))
 
     digits = commands.add_parser("digits", help="rebuild the built-in digits model").add_subparsers(
@@ -225,6 +228,23 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     return {"accuracy": score.accuracy, "frechet": score.frechet, "samples": score.samples} | settings
 
 
+def only_groups(config, groups: str):
+    """The benchmark config restricted to the named method groups (`none` always runs: it is the reference)."""
+    from dataclasses import replace
+
+    wanted = {group.strip() for group in groups.split(",") if group.strip()}
+    known = {"fewer-steps", "fora", "delta", *config.betas}
+    if not wanted or wanted - known:
+        raise CliError(f"--only takes some of {', '.join(sorted(known))}, got {groups!r}")
+    return replace(
+        config,
+        fewer_steps=config.fewer_steps if "fewer-steps" in wanted else (),
+        fora=config.fora if "fora" in wanted else (),
+        delta=config.delta if "delta" in wanted else (),
+        betas={objective: betas for objective, betas in config.betas.items() if objective in wanted},
+    )
+
+
 def write_images(result, out: Path, rows: int, **extra: object) -> dict:
     """One PNG per image, a labelled grid.png and summary.json; returns the summary."""
     from .images import save_images
@@ -253,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model, steps=args.steps, scheduler=args.scheduler, samples=args.samples,
                 iterations=args.iterations,
             )  # fmt: skip
+            if args.only is not None:
+                config = only_groups(config, args.only)
             for objective in config.betas:  # every router the sweep trains, before the model loads
                 validate_training({**asdict(config), "objective": objective}, Limits.from_env())
             result = run_quality_bench(config, args.out)

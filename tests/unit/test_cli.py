@@ -52,3 +52,12 @@ def test_bad_arguments_exit_2_with_one_message(tmp_path, monkeypatch, args, mess
     assert process.returncode == 2, process.stderr
     assert message in process.stderr
     assert "Traceback" not in process.stderr
+
+
+def test_bench_quality_runs_only_the_groups_asked_for():
+    from harmonica_core.cli import only_groups
+    from harmonica_core.quality_bench import QualityBenchConfig
+
+    config = only_groups(QualityBenchConfig(), "fora, delta")
+    assert config.fora and config.delta and config.fewer_steps == () and config.betas == {}
+    assert main(["bench", "quality", "--only", "magic", "--out", "unused"]) == 2
