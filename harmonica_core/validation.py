@@ -19,12 +19,12 @@ from typing import Any
 
 from .cache.methods import DEFAULT_THRESHOLD, METHODS, NEEDS_ROUTER, parameters
 from .catalog import LAMBDA_MODES, MODELS, OBJECTIVES, SCHEDULER_NAMES, read_router_metadata
+from .errors import InvalidRequest
 from .families import FAMILIES
 
 __all__ = [
     "GENERATION_BOUNDS",
     "TRAINING_BOUNDS",
-    "InvalidRequest",
     "Limits",
     "RouterInfo",
     "check_router",
@@ -32,14 +32,6 @@ __all__ = [
     "validate_generation",
     "validate_training",
 ]
-
-
-class InvalidRequest(ValueError):
-    """A request the caller must change; `field` is its dotted name in the API's request body."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -244,6 +236,12 @@ def validate_generation(
     groups = len(labels or prompts or [None])
     _limit("num_images", groups * req["num_images"], limits.max_images_per_job, "the number of images in this job")
     method = accel["method"]
+    spec = METHODS[method]
+    if spec.check is not None:
+        try:
+            spec.check(req["steps"], **spec.values(**accel))
+        except InvalidRequest as error:
+            raise InvalidRequest(f"acceleration.{error.field}", str(error)) from None
     if method not in NEEDS_ROUTER:
         if accel.get("router_id") is not None:
             raise InvalidRequest("acceleration.router_id", f"method {method} uses no router; use l2c or harmonica")

@@ -13,8 +13,8 @@ from typing import Any
 from app.contract.registry import RouterRegistry
 from app.contract.settings import Settings
 from harmonica_core.cache.methods import NEEDS_ROUTER
+from harmonica_core.errors import InvalidRequest as Rejected
 from harmonica_core.validation import GENERATION_BOUNDS, Limits, RouterInfo, validate_generation, validate_training
-from harmonica_core.validation import InvalidRequest as Rejected
 
 from .schemas import Acceleration, GenerateRequest, TrainRouterRequest
 

@@ -12,13 +12,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..errors import InvalidRequest
 from .plan import CachePlan
+
+TOLERANCE = 0.05  # how far below the target usage the closest plan may land
+
+
+def check_delta(steps: int, interval: int, usage: float) -> None:
+    """Refuse settings no layout can satisfy (torch-free, before any model loads): between full steps every
+    `interval`, reusing every block reaches the share of steps that are not full."""
+    if interval < 2:
+        raise InvalidRequest("interval", f"the delta schedule needs interval >= 2 (1 is every step), got {interval}")
+    most = sum(k % interval != 0 for k in range(steps)) / steps
+    if most < usage - TOLERANCE:
+        raise InvalidRequest(
+            "usage",
+            f"the delta schedule reaches at most {most:.0%} cache usage at interval {interval} and {steps} steps; "
+            "lower the usage or raise the interval",
+        )
 
 
 def delta_plan(steps: int, layout: Sequence[str], usage: float, interval: int = 2) -> CachePlan:
     """The plan for branches named `<block>.<kind>` (the model's branch layout) at a target usage rate."""
-    if interval < 2:
-        raise ValueError(f"the delta schedule needs interval >= 2 (1 computes every step), got {interval}")
+    check_delta(steps, interval, usage)
     block_of = [int(name.split(".", 1)[0]) for name in layout]
     blocks = sorted(set(block_of))
 
@@ -30,10 +46,4 @@ def delta_plan(steps: int, layout: Sequence[str], usage: float, interval: int = 
             rows.append([block not in reused for block in block_of])
         return CachePlan.from_rows(rows)
 
-    candidates = [plan(m) for m in range(1, len(blocks) + 1)]
-    if candidates[-1].cache_usage_rate < usage - 0.05:  # even every block between full steps falls short
-        raise ValueError(
-            f"the delta schedule reaches at most {candidates[-1].cache_usage_rate:.0%} cache usage at interval "
-            f"{interval} and {steps} steps; lower the usage or raise the interval"
-        )
-    return min(candidates, key=lambda p: abs(p.cache_usage_rate - usage))
+    return min((plan(m) for m in range(1, len(blocks) + 1)), key=lambda p: abs(p.cache_usage_rate - usage))

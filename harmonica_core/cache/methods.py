@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .delta import delta_plan
+from .delta import check_delta, delta_plan
 from .plan import CachePlan
 
 if TYPE_CHECKING:
@@ -41,13 +41,17 @@ class MethodSpec:
     factory: Callable[..., CachePlan]  # (steps, layout, router, **params) -> CachePlan
     params: tuple[Param, ...] = ()
     needs_router: bool = False
+    check: Callable[..., None] | None = None  # (steps, **params): refuses what no model could plan, without torch
+
+    def values(self, **params: Any) -> dict[str, Any]:
+        """The method's parameters from `params`, defaults where absent or None."""
+        return {p.name: p.default if params.get(p.name) is None else params[p.name] for p in self.params}
 
     def plan(self, steps: int, layout: Sequence[str], router: Router | None = None, **params: Any) -> CachePlan:
         """The plan for `steps` steps of a model with these branches (names `<block>.<kind>`)."""
         if self.needs_router and router is None:
             raise ValueError(f"method {self.name!r} needs a router (train one with `harmonica train-router`)")
-        values = {p.name: p.default if params.get(p.name) is None else params[p.name] for p in self.params}
-        return self.factory(steps, layout, router, **values)
+        return self.factory(steps, layout, router, **self.values(**params))
 
 
 def none_plan(steps: int, branches: int) -> CachePlan:
@@ -115,6 +119,7 @@ METHODS: dict[str, MethodSpec] = {
             "the front blocks late, as many as reach the target `usage`",
             _delta,
             (INTERVAL, USAGE),
+            check=check_delta,
         ),
         MethodSpec(
             "l2c",

@@ -66,6 +66,7 @@ def test_invalid_bodies_are_422_problems_that_name_the_field(gateway):
         ({"acceleration": {"method": "fora", "router_id": "builtin-digits-iepo-ddim-t20"}}, "uses no router"),
         ({"steps": 10, "acceleration": {"method": "harmonica", "router_id": "builtin-digits-iepo-ddim-t20"}}, "steps"),
         ({"acceleration": {"method": "l2c", "router_id": "builtin-digits-iepo-ddim-t20"}}, "runs under method"),
+        ({"acceleration": {"method": "delta", "usage": 0.9}}, "at most 50% cache usage"),
     ]
     for body, words in cases:
         problem = assert_problem(gateway.post("/generate", json=body), 422, words)

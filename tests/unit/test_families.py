@@ -15,10 +15,11 @@ from torch import nn
 
 from harmonica_core.cache.methods import make_plan
 from harmonica_core.catalog import MODELS, ModelInfo
+from harmonica_core.errors import InvalidRequest
 from harmonica_core.families import FAMILIES, Conditioning, Family, family_of
 from harmonica_core.models import SOURCES, Model, ModelSource, load_model
 from harmonica_core.sampling import GenerationRequest, generate
-from harmonica_core.validation import InvalidRequest, Limits, validate_generation
+from harmonica_core.validation import Limits, validate_generation
 
 
 class TinyBlock(nn.Module):

@@ -56,3 +56,20 @@ def test_the_cli_the_http_schema_and_the_metrics_read_the_same_registry():
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     flags = {action.dest: action for action in generate._actions}
     assert list(flags["method"].choices) == list(METHODS) and set(params) <= set(flags)
+
+
+def test_an_unreachable_delta_usage_is_refused_before_any_model_loads(capsys):
+    from harmonica_core.cli import main
+    from harmonica_core.errors import InvalidRequest
+    from harmonica_core.validation import Limits, validate_generation
+
+    request = {"model": "digits", "steps": 20, "num_images": 1, "scheduler": "ddim", "guidance": 1.5}
+    accel = {"method": "delta", "router_id": None, "usage": 0.9, "interval": 2}
+    with pytest.raises(InvalidRequest, match="at most 50%") as refused:
+        validate_generation({**request, "acceleration": accel}, Limits())
+    assert refused.value.field == "acceleration.usage"
+    with pytest.raises(InvalidRequest) as refused:
+        validate_generation({**request, "acceleration": {**accel, "usage": 0.3, "interval": 1}}, Limits())
+    assert refused.value.field == "acceleration.interval"
+    assert main(["generate", "--method", "delta", "--usage", "0.9", "--out", "unused"]) == 2
+    assert "raise the interval" in capsys.readouterr().err

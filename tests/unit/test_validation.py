@@ -15,8 +15,8 @@ from app.contract.registry import RouterRegistry
 from app.contract.settings import Settings
 from harmonica_core.catalog import builtin_routers
 from harmonica_core.cli import main
+from harmonica_core.errors import InvalidRequest
 from harmonica_core.validation import (
-    InvalidRequest,
     Limits,
     RouterInfo,
     check_router,
