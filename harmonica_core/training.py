@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,7 @@ class _Run:
     lambdas: list[float]
     next_refresh: int = 0
 
-    @property
+    @cached_property
     def latent(self) -> tuple[int, int, int, int]:
         return self.model.latent_shape(self.config.batch_size, *self.model.check_size(None, None))
 

@@ -57,9 +57,10 @@ class JobTask(Task):
             finish(job, "failed", error={"code": "timeout", "message": f"killed at the hard time limit ({exc})"})
 
 
-def persist(write: Callable[[], T], seconds: float | None = None) -> T:
-    """Run a Redis call, retrying with exponential backoff (0.1 s to 5 s) while Redis is unreachable."""
-    deadline = time.monotonic() + (get_settings().redis_retry_seconds if seconds is None else seconds)
+def persist(write: Callable[[], T]) -> T:
+    """Run a Redis call, retrying with exponential backoff (0.1 s to 5 s) while Redis is unreachable, for at
+    most HARMONICA_REDIS_RETRY_SECONDS."""
+    deadline = time.monotonic() + get_settings().redis_retry_seconds
     delay = 0.1
     while True:
         try:

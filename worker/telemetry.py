@@ -99,5 +99,5 @@ def record_training(model: str, objective: str, seconds: float) -> None:
 
 
 def record_sweep(sweep: Sweep) -> None:
-    for kind, reason in sweep.recovered:
+    for _, kind, reason in sweep.recovered:
         metrics.JOBS_RECOVERED.labels(kind, reason).inc()

@@ -166,6 +166,9 @@ class JobStore:
     def _queued(self, kind: str) -> str:
         return f"{self.prefix}queued:{kind}"
 
+    def _lease(self, job_id: str) -> str:
+        return f"{self._key(job_id)}:lease"  # the transition script derives the same name from the job key
+
     def admit(self, job: Job, max_active: int, max_queued: int) -> str | None:
         """Create the queued job unless its owner has `max_active` jobs queued or running, or its kind
         `max_queued` jobs queued; returns the refusal (`key_busy`, `queue_full`) or None. Atomic."""
@@ -259,16 +262,16 @@ class JobStore:
 
     # Leases: one live run per job; the holder renews it while running.
     def leased(self, job_id: str) -> bool:
-        return bool(self.redis.exists(f"{self._key(job_id)}:lease"))
+        return bool(self.redis.exists(self._lease(job_id)))
 
     def acquire_lease(self, job_id: str, token: str, seconds: float) -> bool:
-        return bool(self.redis.set(f"{self._key(job_id)}:lease", token, nx=True, px=int(seconds * 1000)))
+        return bool(self.redis.set(self._lease(job_id), token, nx=True, px=int(seconds * 1000)))
 
     def renew_lease(self, job_id: str, token: str, seconds: float) -> bool:
-        return bool(self._renew(keys=[f"{self._key(job_id)}:lease"], args=[token, int(seconds * 1000)]))
+        return bool(self._renew(keys=[self._lease(job_id)], args=[token, int(seconds * 1000)]))
 
     def release_lease(self, job_id: str, token: str) -> None:
-        self._release(keys=[f"{self._key(job_id)}:lease"], args=[token])
+        self._release(keys=[self._lease(job_id)], args=[token])
 
     # Worker heartbeats, read by /readyz and the workers gauge. A heartbeat carries the models the
     # worker's pool process has loaded, so readiness means "model resident", not just "process up".

@@ -8,8 +8,8 @@ a metric but PromQL over `harmonica_branch_evaluations_total`:
 
 Workers run a prefork pool, so they export through prometheus-client's multiprocess mode
 (`PROMETHEUS_MULTIPROC_DIR`, set by `python -m worker` before this module is imported). Each side
-writes them from one module: `app.api.telemetry` in the gateway, `worker.telemetry` in the workers
-both create their label sets at zero from the job kinds' table.
+writes them from one module, `app.api.telemetry` in the gateway and `worker.telemetry` in the workers,
+and both create their label sets at zero from the job kinds' table.
 """
 
 from __future__ import annotations

@@ -49,9 +49,17 @@ class Sweep:
 
     live: int = 0
     suspects: int = 0
-    requeued: list[str] = field(default_factory=list)
-    resent: list[str] = field(default_factory=list)
-    recovered: list[tuple[str, str]] = field(default_factory=list)  # (kind, reason) per re-enqueued job
+    recovered: list[tuple[str, str, str]] = field(default_factory=list)  # (job id, kind, reason) re-enqueued
+
+    @property
+    def requeued(self) -> list[str]:
+        """Running jobs whose worker was lost, put back in the queue."""
+        return [job_id for job_id, _, reason in self.recovered if reason == "worker_lost"]
+
+    @property
+    def resent(self) -> list[str]:
+        """Queued jobs whose message was lost, sent again."""
+        return [job_id for job_id, _, reason in self.recovered if reason == "message_lost"]
 
 
 def message_job_ids(client: redis.Redis, unacked_since: float = 0.0) -> set[str]:
@@ -123,13 +131,11 @@ class Reconciler:
         if status == "running":
             if self.store.transition(job_id, ("running",), "queued", unleased=True) != "running":
                 return  # its holder came back, or it ended, between the look and now
-            report.requeued.append(job_id)
             reason = "worker_lost"
         else:
-            report.resent.append(job_id)
             reason = "message_lost"
         self.send(kind, job_id)
-        report.recovered.append((kind, reason))
+        report.recovered.append((job_id, kind, reason))
         log.warning("job %s re-enqueued (%s)", job_id, reason, extra={"job_id": job_id, "kind": kind})
 
 

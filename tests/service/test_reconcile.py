@@ -51,7 +51,7 @@ def test_a_running_job_whose_lease_expired_is_requeued_after_a_second_look(store
     assert reconciler.sweep(at=start + LEASE / 2).requeued == []  # not yet: a live worker may still re-take it
     report = reconciler.sweep(at=start + LEASE)
     assert report.requeued == [job.id] and sent == [("generate", job.id)]
-    assert report.recovered == [("generate", "worker_lost")]  # what the worker records as a metric
+    assert report.recovered == [(job.id, "generate", "worker_lost")]  # what the worker records as a metric
     assert store.get(job.id).status == "queued" and store.queued("generate") == 1
     assert store.get(held.id).status == "running"  # a held lease is never taken
 
@@ -66,7 +66,7 @@ def test_a_queued_job_without_a_message_is_sent_again_and_one_with_a_message_is_
     reconciler.sweep(at=0)
     report = reconciler.sweep(at=LEASE)
     assert report.resent == [lost.id] and sent == [("train_router", lost.id)]
-    assert report.recovered == [("train_router", "message_lost")]
+    assert report.recovered == [(lost.id, "train_router", "message_lost")]
     enqueue(celery, lost.kind, lost.id)
     assert reconciler.sweep(at=2 * LEASE).suspects == 0
     assert store.redis.hlen("test:orphans") == 0  # suspicion is dropped once a message carries the job
