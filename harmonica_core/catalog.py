@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 SCHEDULER_NAMES = ("ddim", "dpm-solver++")
+EXECUTION_MODES = {  # how a generation runs the transformer (`execution.py`); all give the same images
+    "eager": "diffusers' forward with cache hooks (the reference; router training uses it)",
+    "precomputed": "step-only modulations computed before the loop; a reused branch skips its norm too",
+    "compiled": "precomputed, with each block variant compiled by torch.compile (compiles once per process)",
+}
+DEFAULT_EXECUTION_MODE = "precomputed"  # the fastest measured on CPU; see the README's speed section
 OBJECTIVES = {
     "iepo": "SDT with the Image-Error-Proxy-Guided Objective: per-step loss weighted by lambda_k (HarmoniCa)",
     "ltc": "SDT with lambda_k = 1 (the paper's ablation)",

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .cache.methods import METHODS, NEEDS_ROUTER, methods_using, parameters
+from .catalog import DEFAULT_EXECUTION_MODE, EXECUTION_MODES
 from .validation import Limits, RouterInfo, default_class_labels, validate_generation, validate_training
 
 
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="image width in pixels (PixArt)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    modes = "; ".join(f"{name}: {description}" for name, description in EXECUTION_MODES.items())
+    gen.add_argument(
+        "--mode", choices=list(EXECUTION_MODES), default=DEFAULT_EXECUTION_MODE, help=f"execution ({modes})"
+    )
     gen.add_argument("--out", type=Path, required=True, help="output folder")
 
     from .train_config import EVAL_SAMPLES, settings
@@ -151,7 +156,7 @@ def run_generate(args: argparse.Namespace) -> dict:
     if path is not None:
         router, _ = load_router(path, model.router_target(req["scheduler"], req["steps"]))
     plan = plan_from_request(accel, req["steps"], model.branch_layout, router)
-    result = generate(model, request, plan)
+    result = generate(model, request, plan, mode=args.mode)
     return write_images(result, args.out, req["num_images"], method=accel["method"], model=req["model"])
 
 

@@ -21,7 +21,7 @@ from .models import Model, load_model
 from .quality import evaluation_request, plan_quality
 from .router import load_router
 from .sampling import GenerationRequest, generate
-from .timing import interleaved_latencies, realized_speedups
+from .timing import Run, interleaved_latencies, realized_speedups
 from .train_config import TrainConfig, plan_method
 from .training import train_and_save
 
@@ -106,7 +106,7 @@ def run_quality_bench(config: QualityBenchConfig, out: Path) -> dict[str, Any]:
             quality["theoretical_speedup"] = full_macs / profile.generation_macs(None, req.steps, config.guidance > 1)
         rows.append({"method": name, "group": group} | quality)
 
-    timing = {name: (_with_batch(req, config.timing_batch), plan) for name, (_, req, plan) in methods.items()}
+    timing = {name: Run(_with_batch(req, config.timing_batch), plan) for name, (_, req, plan) in methods.items()}
     seconds, _ = interleaved_latencies(model, timing, config.timing_repeats)
     for row, realized in zip(rows, realized_speedups(seconds, "none").values(), strict=True):
         row["realized_speedup_cpu"] = realized

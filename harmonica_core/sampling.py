@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .cache.hooks import CacheConfig, branch_cache
 from .cache.methods import none_plan
 from .cache.plan import CachePlan
+from .execution import DEFAULT_MODE, Forward, transformer_forward
 from .families import Conditioning
 from .models import Model
 
@@ -102,13 +102,26 @@ class GenerationResult:
 
 
 def predict_noise(
-    model: Model, scheduler: Any, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float
+    model: Model,
+    scheduler: Any,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Conditioning,
+    guidance: float,
+    forward: tuple[Forward, int] | None = None,
 ) -> torch.Tensor:
-    """One transformer call on the CFG batch, guided, learned sigma dropped: the eps for `x` [B, C, H, W]."""
+    """One transformer call on the CFG batch, guided, learned sigma dropped: the eps for `x` [B, C, H, W].
+
+    `forward`: an execution mode's forward and the step index it is at; None calls the transformer as is.
+    """
     batch = torch.cat([x, x]) if cond.cfg else x
     batch = scheduler.scale_model_input(batch, t)
     timestep = t[None].to(x.device).expand(batch.shape[0])
-    out = model.transformer(batch, timestep=timestep, return_dict=False, **cond.kwargs)[0]
+    if forward is None:
+        out = model.transformer(batch, timestep=timestep, return_dict=False, **cond.kwargs)[0]
+    else:
+        run, k = forward
+        out = run(batch, timestep, k)
     return model.spec.guide(model, out, cond, guidance)
 
 
@@ -140,8 +153,10 @@ def generate(
     request: GenerationRequest,
     plan: CachePlan | None = None,
     on_step: StepCallback | None = None,
+    mode: str = DEFAULT_MODE,
 ) -> GenerationResult:
-    """Sample with the branch cache following `plan` (None = compute everything)."""
+    """Sample with the branch cache following `plan` (None = compute everything), in execution `mode`
+    (`execution.MODES`: all give the same images within float tolerance)."""
     if request.steps < 1:
         raise ValueError("steps must be >= 1")
     height, width = model.check_size(request.height, request.width)
@@ -158,11 +173,11 @@ def generate(
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
 
     step_seconds: list[float] = []
-    with branch_cache(model.transformer, CacheConfig(plan=plan)) as state:
-        sync()
-        start = last = time.perf_counter()
+    sync()
+    start = last = time.perf_counter()  # precomputing the modulations is part of the generation's time
+    with transformer_forward(model, plan, cond, scheduler.timesteps, mode) as forward:
         for k, t in enumerate(scheduler.timesteps):
-            eps = predict_noise(model, scheduler, latents, t, cond, request.guidance)
+            eps = predict_noise(model, scheduler, latents, t, cond, request.guidance, (forward, k))
             latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
             now = time.perf_counter()  # host time: no per-step sync, so the GPU queue stays full
             step_seconds.append(now - last)
@@ -179,9 +194,9 @@ def generate(
     )
     stats = GenerationStats(
         steps=request.steps,
-        computed=state.computed,
-        reused=state.reused,
-        cache_usage_rate=state.reused / (state.reused + state.computed),
+        computed=forward.computed,
+        reused=forward.reused,
+        cache_usage_rate=forward.reused / (forward.reused + forward.computed),
         theoretical_speedup=speedup,
         step_seconds=step_seconds,
         total_seconds=total,

@@ -4,27 +4,35 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from .cache.plan import CachePlan
+from .execution import DEFAULT_MODE
 from .models import Model
 from .sampling import GenerationRequest, GenerationStats, generate
 
 
+@dataclass(frozen=True)
+class Run:
+    """One timed generation: a request, its plan and the execution mode that runs it."""
+
+    request: GenerationRequest
+    plan: CachePlan
+    mode: str = DEFAULT_MODE
+
+
 def interleaved_latencies(
-    model: Model,
-    runs: dict[str, tuple[GenerationRequest, CachePlan]],
-    repeats: int,
-    rounds: Iterable[int] | None = None,
+    model: Model, runs: dict[str, Run], repeats: int, rounds: Iterable[int] | None = None
 ) -> tuple[dict[str, list[float]], dict[str, GenerationStats]]:
     """One warm-up per run, then `repeats` rounds over every run in turn, so drift hits all alike.
 
     Returns the seconds of each repeat and the warm-up's stats per run name.
     """
-    stats = {name: generate(model, request, plan).stats for name, (request, plan) in runs.items()}
+    stats = {name: generate(model, run.request, run.plan, mode=run.mode).stats for name, run in runs.items()}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in rounds if rounds is not None else range(repeats):
-        for name, (request, plan) in runs.items():
-            seconds[name].append(generate(model, request, plan).stats.total_seconds)
+        for name, run in runs.items():
+            seconds[name].append(generate(model, run.request, run.plan, mode=run.mode).stats.total_seconds)
     return seconds, stats
 
 

@@ -33,6 +33,22 @@ class Conditioning:
     text_len: int
     captions: list[str]
 
+    @property
+    def rows(self) -> int:
+        """Rows of the transformer batch: images, doubled by guidance."""
+        return self.images * (2 if self.cfg else 1)
+
+
+@dataclass
+class Precomputed:
+    """What a generation's transformer calls need that depends only on (step, condition), computed before the
+    loop (`Family.precompute`): `blocks[i][k]` is block i's modulation at step k, `head[k]` the final layer's,
+    `context` the step-independent block inputs (projected text states, masks)."""
+
+    blocks: list[torch.Tensor]
+    head: torch.Tensor
+    context: dict[str, torch.Tensor]
+
 
 class Family(ABC):
     """One kind of diffusion transformer, as the loader, sampler, trainer, MAC counter and validation see it.
@@ -75,6 +91,44 @@ class Family(ABC):
         self, model: Model, samples: int, captions: tuple[str, ...], prompt_embeddings: PromptEmbeddings | None
     ) -> dict[str, Any]:
         """`GenerationRequest` fields of a fixed evaluation set: classes, captions or embedding rows in turn."""
+
+    @property
+    def runs_blocks(self) -> bool:
+        """Whether the family implements the planned forward (`precompute`, `block_forward`, `head`); one that
+        does not runs in the eager mode only."""
+        return type(self).block_forward is not Family.block_forward
+
+    def precompute(
+        self, transformer: torch.nn.Module, timesteps: torch.Tensor, kwargs: dict[str, Any], rows: int
+    ) -> Precomputed:
+        """The modulations of every block and of the final layer for all `timesteps` in a few batched calls, from
+        the conditioning kwargs of a `rows`-row batch; the eager forward computes them in every block, every step."""
+        raise NotImplementedError
+
+    def block_forward(
+        self,
+        block: torch.nn.Module,
+        x: torch.Tensor,
+        mods: torch.Tensor,
+        context: dict[str, torch.Tensor],
+        cached: tuple[torch.Tensor | None, ...],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One block on tokens `x` with its precomputed `mods`: branch j computes where `cached[j]` is None and
+        reuses `cached[j]` otherwise, skipping its norm and modulation too. Returns the tokens and every branch
+        output (ungated, as the cache stores them). Pure tensor code, so `torch.compile` captures it whole."""
+        raise NotImplementedError
+
+    def head(self, transformer: torch.nn.Module, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+        """The final layer on the tokens, with its precomputed modulation, before unpatchifying."""
+        raise NotImplementedError
+
+    def unpatchify(self, transformer: torch.nn.Module, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Tokens [B, h*w, p*p*C] back to the latent grid [B, C, height, width], as both diffusers transformers do."""
+        import torch
+
+        p, channels = transformer.config.patch_size, transformer.out_channels
+        x = x.reshape(-1, height // p, width // p, p, p, channels)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(-1, channels, height, width)
 
     def guide(self, model: Model, out: torch.Tensor, cond: Conditioning, guidance: float) -> torch.Tensor:
         """The eps from the transformer's output on the CFG batch: guided in the batch's order, learned sigma

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .base import Conditioning, Family
+from .base import Conditioning, Family, Precomputed
 
 if TYPE_CHECKING:
     import torch
@@ -59,3 +59,44 @@ class DiTFamily(Family):
 
     def unscale_latents(self, latents: torch.Tensor, scaling_factor: float) -> torch.Tensor:
         return 1 / scaling_factor * latents  # DiTPipeline multiplies by 1/s
+
+    def precompute(
+        self, transformer: torch.nn.Module, timesteps: torch.Tensor, kwargs: dict[str, Any], rows: int
+    ) -> Precomputed:
+        import torch.nn.functional as F
+
+        steps, dim, dtype = len(timesteps), transformer.inner_dim, transformer.dtype
+        t, y = timesteps.repeat_interleave(rows), kwargs["class_labels"].repeat(steps)  # step-major rows
+
+        def per_step(mods: torch.Tensor, parts: int) -> torch.Tensor:  # [T*rows, parts*D] -> [T, parts, rows, 1, D]
+            return mods.view(steps, rows, parts, dim).permute(0, 2, 1, 3).unsqueeze(3).contiguous()
+
+        blocks = []
+        for block in transformer.transformer_blocks:  # each block embeds (t, y) with weights of its own
+            norm = block.norm1
+            blocks.append(per_step(norm.linear(norm.silu(norm.emb(t, y, hidden_dtype=dtype))), 6))
+        conditioning = transformer.transformer_blocks[0].norm1.emb(t, y, hidden_dtype=dtype)
+        return Precomputed(blocks, per_step(transformer.proj_out_1(F.silu(conditioning)), 2), {})
+
+    def block_forward(
+        self,
+        block: torch.nn.Module,
+        x: torch.Tensor,
+        mods: torch.Tensor,
+        context: dict[str, torch.Tensor],
+        cached: tuple[torch.Tensor | None, ...],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """diffusers' `BasicTransformerBlock` with `ada_norm_zero`, op for op."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(0)
+        attn, mlp = cached
+        if attn is None:
+            attn = block.attn1(block.norm1.norm(x) * (1 + scale_msa) + shift_msa)
+        x = gate_msa * attn + x
+        if mlp is None:
+            mlp = block.ff(block.norm3(x) * (1 + scale_mlp) + shift_mlp)
+        x = gate_mlp * mlp + x
+        return x, (attn, mlp)
+
+    def head(self, transformer: torch.nn.Module, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+        shift, scale = mods.unbind(0)
+        return transformer.proj_out_2(transformer.norm_out(x) * (1 + scale) + shift)

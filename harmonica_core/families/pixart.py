@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .base import Conditioning, Family
+from .base import Conditioning, Family, Precomputed
 
 if TYPE_CHECKING:
     import torch
@@ -102,6 +102,56 @@ class PixArtFamily(Family):
         self, model: Model, samples: int, captions: tuple[str, ...], prompt_embeddings: PromptEmbeddings | None
     ) -> dict[str, Any]:
         return _prompts(lambda pool: [i % pool for i in range(samples)], captions, prompt_embeddings)
+
+    def precompute(
+        self, transformer: torch.nn.Module, timesteps: torch.Tensor, kwargs: dict[str, Any], rows: int
+    ) -> Precomputed:
+        steps, dim, dtype = len(timesteps), transformer.inner_dim, transformer.dtype
+        added = kwargs["added_cond_kwargs"]
+        if transformer.use_additional_conditions:  # step-major rows, like the timesteps
+            added = {name: value.repeat(steps, 1) for name, value in added.items()}
+        t, embedded = transformer.adaln_single(
+            timesteps.repeat_interleave(rows), added, batch_size=steps * rows, hidden_dtype=dtype
+        )
+        t = t.view(steps, rows, 6, dim)
+        blocks = [  # the eager block's `scale_shift_table[None] + timestep.reshape(B, 6, -1)` as [T, 6, rows, 1, D]
+            (block.scale_shift_table[None, None] + t).permute(0, 2, 1, 3).unsqueeze(3).contiguous()
+            for block in transformer.transformer_blocks
+        ]
+        head = transformer.scale_shift_table[None, None] + embedded.view(steps, rows, 1, dim)
+        text = kwargs["encoder_hidden_states"]
+        if transformer.caption_projection is not None:
+            text = transformer.caption_projection(text).view(rows, -1, dim)
+        mask = kwargs.get("encoder_attention_mask")
+        if mask is not None and mask.ndim == 2:
+            mask = ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
+        return Precomputed(blocks, head.permute(0, 2, 1, 3).unsqueeze(3).contiguous(), {"text": text, "mask": mask})
+
+    def block_forward(
+        self,
+        block: torch.nn.Module,
+        x: torch.Tensor,
+        mods: torch.Tensor,
+        context: dict[str, torch.Tensor],
+        cached: tuple[torch.Tensor | None, ...],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """diffusers' `BasicTransformerBlock` with `ada_norm_single` (PixArt), op for op."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.unbind(0)
+        attn, cross, mlp = cached
+        if attn is None:
+            attn = block.attn1(block.norm1(x) * (1 + scale_msa) + shift_msa)
+        x = gate_msa * attn + x
+        if cross is None:
+            cross = block.attn2(x, encoder_hidden_states=context["text"], attention_mask=context["mask"])
+        x = cross + x
+        if mlp is None:
+            mlp = block.ff(block.norm2(x) * (1 + scale_mlp) + shift_mlp)
+        x = gate_mlp * mlp + x
+        return x, (attn, cross, mlp)
+
+    def head(self, transformer: torch.nn.Module, x: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+        shift, scale = mods.unbind(0)
+        return transformer.proj_out(transformer.norm_out(x) * (1 + scale) + shift)
 
 
 def _prompts(

@@ -1,4 +1,4 @@
-"""The branch cache against diffusers itself and against a hand-written reuse reference."""
+"""The branch cache's hooks (the eager mode) against diffusers itself and against a hand-written reuse reference."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_compute_all_plan_reproduces_the_dit_pipeline_exactly(tiny_dit):
         class_labels=[1, 2], guidance_scale=1.5, generator=torch.manual_seed(0), num_inference_steps=3,
         output_type="pt",
     ).images  # fmt: skip
-    ours = generate(tiny_dit, GenerationRequest(class_labels=[1, 2], steps=3, guidance=1.5, seed=0))
+    ours = generate(tiny_dit, GenerationRequest(class_labels=[1, 2], steps=3, guidance=1.5, seed=0), mode="eager")
     assert torch.equal(ours.images, reference.float())
     assert ours.stats.computed == 3 * len(tiny_dit.branch_layout) and ours.stats.reused == 0
     _assert_pristine(tiny_dit.transformer)
@@ -39,7 +39,7 @@ def test_compute_all_plan_reproduces_the_pixart_pipeline_exactly(tiny_pixart, pr
         generator=torch.manual_seed(0), output_type="pt",
     ).images  # fmt: skip
     request = GenerationRequest(prompt_embeddings=pe, steps=3, guidance=4.5, seed=0, height=8, width=8)
-    ours = generate(tiny_pixart, request)
+    ours = generate(tiny_pixart, request, mode="eager")
     assert torch.equal(ours.images, reference.float())
     assert tiny_pixart.branch_layout[:3] == ["0.attn", "0.cross_attn", "0.mlp"]
     _assert_pristine(tiny_pixart.transformer)
@@ -61,7 +61,7 @@ def test_reuse_skips_modules_and_matches_a_hand_written_reference(tiny_dit):
     plan = CachePlan.from_rows([[True, True, True, True], [False, True, True, False]])
     request = GenerationRequest(class_labels=[3, 4], steps=2, guidance=1.5, seed=7)
     counts = _count_module_runs(tiny_dit.transformer)
-    cached = generate(tiny_dit, request, plan)
+    cached = generate(tiny_dit, request, plan, mode="eager")
     assert counts == {"0.attn": 1, "0.mlp": 2, "1.attn": 2, "1.mlp": 1}
     assert (cached.stats.computed, cached.stats.reused) == (6, 2)
     assert cached.stats.cache_usage_rate == pytest.approx(2 / 8)
@@ -81,11 +81,11 @@ def test_reuse_skips_modules_and_matches_a_hand_written_reference(tiny_dit):
             return store[name]
 
         handles.append(module.register_forward_hook(substitute))
-    reference = generate(tiny_dit, request)
+    reference = generate(tiny_dit, request, mode="eager")
     for handle in handles:
         handle.remove()
     assert torch.equal(cached.images, reference.images)
-    uncached = generate(tiny_dit, request)
+    uncached = generate(tiny_dit, request, mode="eager")
     assert not torch.equal(cached.images, uncached.images)
 
 

@@ -1,0 +1,158 @@
+"""How a generation runs the transformer: the execution modes (`MODES`) and the forward each one uses.
+
+- `eager`: diffusers' own forward with the cache's hooks (`cache.hooks`); the reference, and what router
+  training uses (its soft mixing needs the hooks).
+- `precomputed`: every block's modulation for all steps is computed before the loop (`Family.precompute`),
+  and each block runs the family's `block_forward`, which skips a reused branch's norm and modulation too.
+- `compiled`: `precomputed` with `block_forward` compiled by `torch.compile`: one graph per variant (which
+  of a block's branches compute), shared by every block and, with dynamic shapes, every batch size and
+  resolution. The compute/reuse choice stays plain Python from the plan, so there is no graph break.
+
+A static plan is what makes this possible: nothing in a step depends on a tensor's value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+
+from .branches import find_branches
+from .cache.hooks import CacheConfig, CopyReuse, ReuseStrategy, branch_cache
+from .cache.plan import CachePlan
+from .catalog import DEFAULT_EXECUTION_MODE as DEFAULT_MODE
+from .catalog import EXECUTION_MODES as MODES
+from .families import Conditioning, Family
+from .models import Model
+
+log = logging.getLogger("harmonica.execution")
+
+__all__ = ["DEFAULT_MODE", "MODES", "Forward", "PlannedForward", "transformer_forward", "variant_plan", "warm_up"]
+
+
+class Forward(Protocol):
+    """The transformer's output for the batch at step `k` of a generation, counting the branches it ran."""
+
+    computed: int
+    reused: int
+
+    def __call__(self, batch: torch.Tensor, timestep: torch.Tensor, k: int) -> torch.Tensor: ...
+
+
+class EagerForward:
+    """diffusers' forward; the hooks of `branch_cache` follow the plan."""
+
+    def __init__(self, model: Model, cond: Conditioning) -> None:
+        self.transformer, self.kwargs = model.transformer, cond.kwargs
+        self.computed = self.reused = 0
+
+    def __call__(self, batch: torch.Tensor, timestep: torch.Tensor, k: int) -> torch.Tensor:
+        return self.transformer(batch, timestep=timestep, return_dict=False, **self.kwargs)[0]
+
+
+_compiled: dict[str, Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]] = {}
+
+
+def compiled_block_forward(family: Family) -> Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """The family's `block_forward` under `torch.compile`, made once per process.
+
+    Dynamic shapes from the first call, so a new batch size or resolution reuses the graphs (sizes 0 and 1
+    still specialize: a one-row batch is a variant of its own). Dynamo guards on which cached outputs are
+    None, so each variant is one graph, shared by all blocks (their weights are graph inputs).
+    """
+    if family.name not in _compiled:
+        variants = 2 ** len(family.branch_modules)
+        # every variant at two specializations (one row, many rows), per dtype; the default limit of 8 is too few
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * variants)
+        _compiled[family.name] = torch.compile(family.block_forward, fullgraph=True, dynamic=True)
+    return _compiled[family.name]
+
+
+class PlannedForward:
+    """The family's blocks driven by the plan row of each step, with precomputed modulations."""
+
+    def __init__(
+        self,
+        model: Model,
+        plan: CachePlan,
+        cond: Conditioning,
+        timesteps: torch.Tensor,
+        compiled: bool,
+        reuse: ReuseStrategy | None = None,
+    ) -> None:
+        self.transformer, self.family, self.plan = model.transformer, model.spec, plan
+        self.pre = self.family.precompute(self.transformer, timesteps.to(model.device), cond.kwargs, cond.rows)
+        self.block_forward = compiled_block_forward(self.family) if compiled else self.family.block_forward
+        branches = find_branches(self.transformer)
+        blocks = range(len(self.transformer.transformer_blocks))
+        self.indices = [[i for i, branch in enumerate(branches) if branch.block == n] for n in blocks]
+        self.reuse = reuse or CopyReuse()
+        self.reuse.reset(len(branches))
+        self.computed = self.reused = 0
+
+    def __call__(self, batch: torch.Tensor, timestep: torch.Tensor, k: int) -> torch.Tensor:
+        row, reuse = self.plan.compute[k], self.reuse
+        x = self.transformer.pos_embed(batch)
+        blocks = self.transformer.transformer_blocks
+        for block, indices, mods in zip(blocks, self.indices, self.pre.blocks, strict=True):
+            cached = tuple(None if row[j] else reuse.recall(j, k) for j in indices)
+            x, outs = self.block_forward(block, x, mods[k], self.pre.context, cached)
+            for j, was, out in zip(indices, cached, outs, strict=True):
+                if was is None:
+                    reuse.store(j, k, out)
+                    self.computed += 1
+                else:
+                    self.reused += 1
+        out = self.family.head(self.transformer, x, self.pre.head[k])
+        return self.family.unpatchify(self.transformer, out, batch.shape[-2], batch.shape[-1])
+
+
+@contextmanager
+def transformer_forward(
+    model: Model, plan: CachePlan, cond: Conditioning, timesteps: torch.Tensor, mode: str = DEFAULT_MODE
+) -> Iterator[Forward]:
+    """The forward of `mode` for one generation, with the plan attached for as long as the block runs."""
+    if mode not in MODES:
+        raise ValueError(f"unknown execution mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode != "eager" and not model.spec.runs_blocks:
+        log.debug("the %s family has no planned forward: %s runs in eager mode", model.spec.name, model.name)
+        mode = "eager"
+    if mode != "eager":
+        yield PlannedForward(model, plan, cond, timesteps, compiled=mode == "compiled")
+        return
+    forward = EagerForward(model, cond)
+    with branch_cache(model.transformer, CacheConfig(plan=plan)) as state:
+        yield forward
+        forward.computed, forward.reused = state.computed, state.reused
+
+
+def variant_plan(steps_per_variant: int, layout: list[str]) -> CachePlan:
+    """A plan whose steps walk through every variant of every block: all compute, then each compute/reuse
+    pattern of a block's branches in turn (applied to all blocks), so one generation compiles them all."""
+    kinds = list(dict.fromkeys(name.split(".", 1)[1] for name in layout))
+    rows = [[True] * len(layout)]
+    for pattern in itertools.product([True, False], repeat=len(kinds)):
+        computes = dict(zip(kinds, pattern, strict=True))
+        rows += [[computes[name.split(".", 1)[1]] for name in layout]] * steps_per_variant
+    return CachePlan.from_rows(rows)
+
+
+def warm_up(model: Model, mode: str) -> float:
+    """One small generation per specialization (a one-row and a two-row batch at the model's default size)
+    with a plan through every variant, so that no job pays for compiling; returns the seconds it took."""
+    from .sampling import GenerationRequest, generate  # sampling builds on this module
+
+    start = time.perf_counter()
+    if mode == "compiled":
+        plan = variant_plan(1, model.branch_layout)
+        fields = model.spec.evaluation_conditions(model, 1, ("a photo of a cat",), None)
+        for guidance in (1.0, 4.0):  # without and with classifier-free guidance: one row, two rows
+            generate(model, GenerationRequest(**fields, steps=plan.steps, guidance=guidance), plan, mode=mode)
+    seconds = time.perf_counter() - start
+    log.info("warmed up %s for %s mode in %.1f s", model.name, mode, seconds)
+    return seconds
