@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         # Own sessions: a terminal's Ctrl-C reaches only this launcher, which stops the rest in order.
         # Workers get SIGTERM as Celery's soft shutdown: a running job gets 60 s, then returns to the queue.
         worker_env = dict(env, REMAP_SIGTERM="SIGQUIT")
+        # the generation and training workers share this machine's cores rather than each taking them all
+        cores = len(os.sched_getaffinity(0))
+        worker_env.setdefault("HARMONICA_TORCH_THREADS", str(max(1, cores // len(workers))))
         processes = [subprocess.Popen(command, env=worker_env, start_new_session=True) for command in workers]
         processes.append(subprocess.Popen(gateway, env=env, start_new_session=True))
         base = f"http://{args.host}:{args.port}"

@@ -60,7 +60,7 @@ SERVICE_ENV = {
     "HARMONICA_LEASE_SECONDS": "5",
     "HARMONICA_RECONCILE_INTERVAL": "3",
     "HF_HUB_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",  # one torch thread per process: the machine has few cores
+    "HARMONICA_TORCH_THREADS": "1",  # one torch thread per process: the machine has few cores
     "MKL_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
 }

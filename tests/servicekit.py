@@ -40,7 +40,7 @@ BASE_ENV = {
     "HARMONICA_MAX_STEPS": "1000",
     "HARMONICA_WORKER_HEARTBEAT_SECONDS": "1",
     "HF_HUB_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
+    "HARMONICA_TORCH_THREADS": "1",  # one torch thread per worker: tests run several on few cores
 }
 WAIT = 300  # seconds: the bound of any wait for a worker or a job (normally a few seconds)
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.contract.settings import get_settings
 
     try:
-        get_settings()
+        settings = get_settings()
     except ValidationError as error:
         print(f"worker: invalid settings: {error}", file=sys.stderr)
         return 2
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="harmonica-metrics-")
     os.environ["HARMONICA_WORKER_METRICS_PORT"] = str(args.metrics_port)
+    # read by torch when a pool child imports it: each child's share of the cores (HARMONICA_TORCH_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(settings.threads_per_process(args.concurrency))
     name = args.name or f"{'-'.join(queues)}-{os.getpid()}@{socket.gethostname()}"
     command = [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery", "worker", "--pool", "prefork"]
     command += ["--queues", ",".join(queues), "--concurrency", str(args.concurrency), "--hostname", name]

@@ -110,14 +110,21 @@ def _stop_heartbeat(sender, **_: object) -> None:  # type: ignore[no-untyped-def
 
 @worker_process_init.connect
 def _preload(**_: object) -> None:
-    """Load the served models in each pool child before its first job, so jobs never pay for it."""
+    """Load the served models in each pool child before its first job, and compile them in the compiled mode, so
+    jobs never pay for either."""
+    import torch
+
+    from harmonica_core.execution import warm_up
+
     from .runner import get_model
 
     telemetry.precreate(settings.model_names)
+    threads, mode = torch.get_num_threads(), settings.execution_mode
+    log.info("pool process %d: %d torch threads, %s mode", os.getpid(), threads, mode)
     loaded = []
     for name in settings.model_names[: settings.max_models_per_worker]:
         try:
-            get_model(name, settings)
+            warm_up(get_model(name, settings), settings.execution_mode)
             loaded.append(name)
         except Exception as error:  # a job for it will fail with the reason; the worker still serves others
             log.warning("could not preload model %s: %s", name, error)

@@ -64,11 +64,16 @@ def run_generation(job: Job, settings: Settings, report: Report) -> dict[str, An
         router, _ = load_router(entry.path, model.router_target(req["scheduler"], req["steps"]))
     plan = plan_from_request(accel, req["steps"], model.branch_layout, router)
     request = GenerationRequest.from_request(req)
-    result = generate(model, request, plan, lambda done, total: report({"step": done, "total": total}))
+
+    def on_step(done: int, total: int) -> None:
+        report({"step": done, "total": total})
+
+    result = generate(model, request, plan, on_step, mode=settings.execution_mode)
     names = save_images(result.images, result.labels, req["num_images"], settings.job_dir(job.id))
     method = accel["method"]
     telemetry.record_generation(job.model, method, result.stats, len(names))
-    return {"images": names, "grid": "grid.png", "captions": result.labels, "method": method, **result.stats.as_dict()}
+    summary = {"images": names, "grid": "grid.png", "captions": result.labels, "method": method}
+    return summary | {"execution_mode": settings.execution_mode, **result.stats.as_dict()}
 
 
 def run_training(job: Job, settings: Settings, report: Report) -> dict[str, Any]:

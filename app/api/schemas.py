@@ -117,7 +117,7 @@ class JobOut(BaseModel):
     )
     result: dict[str, Any] | None = Field(
         None, description="generate: images, cache_usage_rate, theoretical_speedup, computed/reused branches, "
-        "timings; train_router: router_id and its measured quality",
+        "timings, the worker's execution_mode; train_router: router_id and its measured quality",
     )  # fmt: skip
     error: JobError | None = None
     deliveries: int = Field(description="times a worker picked the job up (above 1 after a worker died)")

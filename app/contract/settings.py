@@ -6,12 +6,15 @@ visibility timeout can never disagree between them (serving.md §1.5: the shorte
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from harmonica_core.catalog import DEFAULT_EXECUTION_MODE, EXECUTION_MODES
 from harmonica_core.validation import Limits
 
 from .kinds import KINDS
@@ -31,6 +34,13 @@ class Settings(BaseSettings):
     models: str = Field("digits", description="comma-separated models the service accepts")
     device: str = Field("cpu", description="workers' torch device: cpu, cuda, cuda:1, ...")
     max_models_per_worker: int = Field(2, ge=1, description="pipelines kept in memory per worker process")
+    execution_mode: Literal[tuple(EXECUTION_MODES)] = Field(  # type: ignore[valid-type]
+        DEFAULT_EXECUTION_MODE,
+        description="how workers run the transformer: " + "; ".join(f"{k}: {v}" for k, v in EXECUTION_MODES.items()),
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="torch threads of each worker pool process; 0: this machine's cores over the pool size"
+    )
 
     # Admission limits: requests beyond them get a 4xx that names the limit. Those on requests take their
     # defaults and floors from harmonica_core's `Limits`, which the CLI reads from the same variables.
@@ -97,6 +107,13 @@ class Settings(BaseSettings):
 
     def job_dir(self, job_id: str) -> Path:
         return self.artifacts_dir / "jobs" / job_id
+
+    def threads_per_process(self, concurrency: int) -> int:
+        """Each pool process's share of the cores: oversubscribed torch threads slow every process down many
+        times over, so a worker never runs more than the cores it may use."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, len(os.sched_getaffinity(0)) // concurrency)
 
 
 @lru_cache

@@ -95,3 +95,11 @@ def test_inconsistent_time_limits_are_refused_at_start():
         Settings(visibility_timeout=100, gen_time_limit=360)
     with pytest.raises(ValueError, match="SOFT_TIME_LIMIT must be below"):
         Settings(gen_soft_time_limit=400, gen_time_limit=360)
+
+
+def test_pool_processes_share_the_cores_as_torch_threads(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(8)))
+    assert Settings().threads_per_process(concurrency=1) == 8
+    assert Settings().threads_per_process(concurrency=4) == 2
+    assert Settings().threads_per_process(concurrency=16) == 1  # never zero threads
+    assert Settings(torch_threads=3).threads_per_process(concurrency=4) == 3  # an explicit setting wins
