@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import import_module
 
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
@@ -17,7 +18,8 @@ from prometheus_client import REGISTRY
 from .api import errors, telemetry
 from .api.deps import Service
 from .api.limits import LimitBody
-from .api.routes import generate, health, jobs, models, routers, train
+from .api.routes import health, jobs, models, routers
+from .contract.kinds import KINDS
 from .contract.settings import get_settings
 from .logs import configure_logging
 
@@ -50,5 +52,7 @@ app = FastAPI(
     exception_handlers=errors.handlers(),
 )
 app.add_middleware(LimitBody)
-for module in (generate, train, jobs, routers, models, health):
+for route in [kind.route for kind in KINDS.values()]:  # each job kind's POST route, named by its entry
+    app.include_router(import_module(f"{__package__}.api.routes.{route}").router)
+for module in (jobs, routers, models, health):
     app.include_router(module.router)

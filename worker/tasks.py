@@ -11,8 +11,8 @@ state is retried with backoff until Redis returns. A run that finds its lease ta
 holder (the reconciler gave the job to another worker while this one was cut off) stops without
 writing anything, so a job is never finished by two runs.
 
-The tasks come from the job kinds' table (`app.contract.kinds`); what each runs is `worker.runner.RUNNERS`,
-imported in the pool child when a job arrives, so the parent never imports torch.
+The tasks come from the job kinds' table (`app.contract.kinds`); what each runs is its module in
+`worker/runners/`, imported in the pool child when a job arrives, so the parent never imports torch.
 """
 
 from __future__ import annotations
@@ -202,9 +202,9 @@ def register(kind: JobKind) -> Task:
     """The kind's Celery task; its runner is looked up in the pool child when a job arrives."""
 
     def run_job(self: Task, job_id: str) -> None:
-        from .runner import RUNNERS
+        from .runner import runner_for
 
-        execute(self, job_id, RUNNERS[kind.name])
+        execute(self, job_id, runner_for(kind))
 
     return celery.task(name=kind.task, bind=True, base=JobTask)(run_job)
 

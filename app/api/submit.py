@@ -1,5 +1,6 @@
-"""Submission, what the POST routes share: admission, the Idempotency-Key binding, the job's atomic creation
-within the limits, its message, and the 202 answer with a Location to poll."""
+"""Submission, what the POST routes of every job kind share: admission (each kind's `admit`, raising the core's
+`InvalidRequest`, a 422), the Idempotency-Key binding, the job's atomic creation within the limits, its message,
+and the 202 answer with a Location to poll."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from pydantic import BaseModel
 from app.contract.jobs import Job, new_job_id, now
 from app.contract.kinds import KINDS
 from app.contract.queue import enqueue
+from app.contract.settings import Settings
+from harmonica_core.errors import InvalidRequest
 
 from . import telemetry
-from .admission import Rejected
 from .deps import Service
 from .errors import ApiError
 from .schemas import JobOut
@@ -34,6 +36,13 @@ IdempotencyKey = Annotated[
 ]
 
 
+def check_served(model: str, settings: Settings) -> None:
+    """Only the models this deployment serves (`HARMONICA_MODELS`) are admitted."""
+    if model not in settings.model_names:
+        choices = ", ".join(settings.model_names)
+        raise InvalidRequest("model", f"model {model!r} is not served here; choose one of {choices}")
+
+
 def submit(
     service: Service,
     kind: str,
@@ -43,11 +52,11 @@ def submit(
     idempotency_key: str | None,
     response: Response,
 ) -> JobOut:
-    """Admit the body (`admit` returns the normalized request or raises `Rejected`), bind the idempotency key,
+    """Admit the body (`admit` returns the normalized request or raises `InvalidRequest`), bind the idempotency key,
     then create and enqueue the job; a replay of a bound key returns the bound job."""
     try:
         request = admit()
-    except Rejected as error:
+    except InvalidRequest as error:
         telemetry.rejected("invalid")
         errors = [{"field": error.field, "message": str(error)}]
         raise ApiError(422, "Invalid request", str(error), errors=errors) from None

@@ -1,8 +1,9 @@
 """The job kinds: one entry per kind, from which both sides derive everything that names it.
 
-Celery's routes and time limits (`queue.py`), the worker's `--queues` choices, `make run`'s workers, the
-settings' time-limit checks, metric label sets and the API's `kind` field all read this table, so a
-new kind is one entry here plus its settings, its request body and route, and its runner in the worker.
+Celery's routes and time limits (`queue.py`), the settings' time-limit fields (`settings.py`), the worker's
+`--queues` choices and what runs a job (`worker/runners/<runner>.py`), `make run`'s workers, the gateway's
+routes (`app/api/routes/<route>.py`), metric label sets and the API's `kind` field all read this table.
+So a new kind is this entry, its gateway module (request body, admission, route) and its worker module.
 """
 
 from __future__ import annotations
@@ -16,9 +17,26 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class JobKind:
-    name: str  # the job record's `kind`, the API's and the metrics' label
-    queue: str  # its own Celery queue: admission counts a kind's queued jobs as that queue's depth
-    limits: str  # the prefix of its two Settings fields `<limits>_soft_time_limit` and `<limits>_time_limit`
+    """One kind of job.
+
+    Attributes:
+        name: the job record's `kind`, the API's and the metrics' label.
+        queue: its Celery queue; admission counts a kind's queued jobs as that queue's depth.
+        limits: the prefix of its Settings fields `<limits>_soft_time_limit` and `<limits>_time_limit`
+            (`HARMONICA_<LIMITS>_SOFT_TIME_LIMIT`, ...); kinds may share one.
+        soft_seconds, hard_seconds: those fields' defaults. Past the soft limit the job fails with `timeout`;
+            past the hard one the pool child is killed.
+        route: its module in `app/api/routes/` (an `APIRouter` named `router`).
+        runner: its module in `worker/runners/` (`run(job, settings, report)` and `CANCELLED`).
+    """
+
+    name: str
+    queue: str
+    limits: str
+    soft_seconds: float
+    hard_seconds: float
+    route: str
+    runner: str
     description: str
 
     @property
@@ -28,12 +46,12 @@ class JobKind:
 
     @property
     def soft_limit(self) -> str:
-        """The Settings field of the soft time limit (the job fails with `timeout`)."""
+        """The Settings field of the soft time limit."""
         return f"{self.limits}_soft_time_limit"
 
     @property
     def hard_limit(self) -> str:
-        """The Settings field of the hard time limit (the pool child is killed)."""
+        """The Settings field of the hard time limit."""
         return f"{self.limits}_time_limit"
 
     def time_limits(self, settings: Settings) -> dict[str, float]:
@@ -44,8 +62,14 @@ class JobKind:
 KINDS: dict[str, JobKind] = {
     kind.name: kind
     for kind in (
-        JobKind("generate", queue="gen", limits="gen", description="image generation"),
-        JobKind("train_router", queue="train", limits="train", description="router training"),
+        JobKind(
+            "generate", queue="gen", limits="gen", soft_seconds=300, hard_seconds=360, route="generate",
+            runner="generate", description="image generation",
+        ),
+        JobKind(
+            "train_router", queue="train", limits="train", soft_seconds=6 * 3600, hard_seconds=6 * 3600 + 120,
+            route="train", runner="train", description="router training",
+        ),
     )
-}
+}  # fmt: skip
 QUEUES: tuple[str, ...] = tuple(dict.fromkeys(kind.queue for kind in KINDS.values()))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from harmonica_core.catalog import DEFAULT_EXECUTION_MODE, EXECUTION_MODES
@@ -20,7 +20,9 @@ from harmonica_core.validation import Limits
 from .kinds import KINDS
 
 
-class Settings(BaseSettings):
+class SettingsBase(BaseSettings):
+    """Every setting but the job kinds' time limits, which `Settings` adds from `KINDS`."""
+
     model_config = SettingsConfigDict(env_prefix="HARMONICA_", extra="ignore")
 
     redis_url: str = Field(
@@ -55,13 +57,8 @@ class Settings(BaseSettings):
     max_train_batch_size: int = Field(**Limits.setting("max_train_batch_size"))
     max_eval_samples: int = Field(**Limits.setting("max_eval_samples"))
 
-    # Delivery and time limits (seconds). Hard limits kill the pool child; the visibility timeout
-    # must exceed every hard limit, or a long job is handed to a second worker while it runs. Each job
-    # kind names its two fields (`kinds.py`).
-    gen_soft_time_limit: float = Field(300, gt=0)
-    gen_time_limit: float = Field(360, gt=0)
-    train_soft_time_limit: float = Field(6 * 3600, gt=0)
-    train_time_limit: float = Field(6 * 3600 + 120, gt=0)
+    # Delivery (seconds). The visibility timeout must exceed every hard time limit (the fields each job kind
+    # adds, below), or a long job is handed to a second worker while it runs.
     visibility_timeout: float = Field(7 * 3600, gt=0)
     restore_interval: float = Field(
         10, gt=0, description="seconds between the broker's sweeps returning messages older than the visibility timeout"
@@ -83,7 +80,7 @@ class Settings(BaseSettings):
     key_prefix: str = Field("harmonica:", description="prefix of every Redis key the service writes")
 
     @model_validator(mode="after")
-    def _consistent_limits(self) -> Settings:
+    def _consistent_limits(self) -> SettingsBase:
         for kind in KINDS.values():
             limits = kind.time_limits(self)
             if limits["soft_time_limit"] >= limits["time_limit"]:
@@ -114,6 +111,22 @@ class Settings(BaseSettings):
         if self.torch_threads:
             return self.torch_threads
         return max(1, len(os.sched_getaffinity(0)) // concurrency)
+
+
+def _time_limit_fields() -> dict[str, Any]:
+    """Two fields per `JobKind.limits` prefix, `<prefix>_soft_time_limit` and `<prefix>_time_limit`
+    (`HARMONICA_GEN_TIME_LIMIT`, ...), with the kind's defaults: a new kind brings its limits with its entry."""
+    fields: dict[str, Any] = {}
+    for kind in KINDS.values():
+        what = f"{kind.description} (and every kind with limits {kind.limits!r})"
+        soft = f"seconds before a job of {what} is stopped and fails with `timeout`"
+        hard = f"seconds before the pool process running a job of {what} is killed"
+        fields.setdefault(kind.soft_limit, (float, Field(kind.soft_seconds, gt=0, description=soft)))
+        fields.setdefault(kind.hard_limit, (float, Field(kind.hard_seconds, gt=0, description=hard)))
+    return fields
+
+
+Settings = create_model("Settings", __base__=SettingsBase, __doc__=SettingsBase.__doc__, **_time_limit_fields())
 
 
 @lru_cache

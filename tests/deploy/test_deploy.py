@@ -456,7 +456,14 @@ def test_gateway_imports_only_its_image_requirements() -> None:
 def test_worker_imports_only_its_image_requirements() -> None:
     """The worker image installs torch plus pyproject's dependencies: the worker must need nothing else."""
     requirements = ["torch", *_pyproject()["project"]["dependencies"]]
-    foreign = _not_installed_by(requirements, "worker.celery_app", "worker.tasks", "worker.runner")
+    foreign = _not_installed_by(
+        requirements,
+        "worker.celery_app",
+        "worker.tasks",
+        "worker.runner",
+        "worker.runners.generate",
+        "worker.runners.train",
+    )
     assert not foreign, f"the worker imports packages missing from pyproject's dependencies: {foreign}"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+from importlib import import_module
 
 import pytest
 
@@ -46,15 +47,23 @@ def test_workers_import_only_the_contract_from_app():
 def test_every_job_kind_has_a_task_a_route_time_limits_and_a_runner():
     from app.contract.kinds import KINDS, QUEUES
     from app.contract.queue import make_celery
-    from worker.runner import RUNNERS
+    from app.main import app
+    from worker.runner import runner_for
     from worker.tasks import TASKS
 
-    conf = make_celery(Settings()).conf
-    assert set(KINDS) == set(TASKS) == set(RUNNERS)
+    settings = Settings()
+    conf = make_celery(settings).conf
+    assert set(KINDS) == set(TASKS)
+    paths = app.openapi()["paths"]
     for kind in KINDS.values():
         assert TASKS[kind.name].name == kind.task and conf.task_routes[kind.task] == {"queue": kind.queue}
         assert kind.queue in QUEUES
-        assert 0 < conf.task_annotations[kind.task]["soft_time_limit"] < conf.task_annotations[kind.task]["time_limit"]
+        assert getattr(settings, kind.soft_limit) == kind.soft_seconds < getattr(settings, kind.hard_limit)
+        assert conf.task_annotations[kind.task] == kind.time_limits(settings)
+        posts = [route.path for route in import_module(f"app.api.routes.{kind.route}").router.routes]
+        assert posts and all("post" in paths[path] for path in posts)
+        runner = runner_for(kind)
+        assert callable(runner.run) and issubclass(runner.cancelled, Exception)
 
 
 def test_request_validation_is_torch_free():

@@ -46,7 +46,7 @@ def test_every_method_states_its_parameters_and_fills_their_defaults():
 
 
 def test_the_cli_the_http_schema_and_the_metrics_read_the_same_registry():
-    from app.api.schemas import Acceleration
+    from app.api.routes.generate import Acceleration
     from harmonica_core.cli import build_parser
 
     schema = Acceleration.model_json_schema()["properties"]

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from app.api.admission import admit_generate, admit_training
-from app.api.schemas import GenerateRequest, TrainRouterRequest
+from app.api.routes.generate import GenerateRequest, admit_generate
+from app.api.routes.train import TrainRouterRequest, admit_training
 from app.contract.registry import RouterRegistry
 from app.contract.settings import Settings
 from harmonica_core.catalog import builtin_routers
@@ -197,7 +197,8 @@ def test_train_router_l2c_beyond_digits_needs_data(capsys, tmp_path):
 
 
 def test_the_worker_checks_a_stored_request_again_before_loading_a_model():
-    from worker.runner import run_generation, run_training
+    from worker.runners.generate import run as run_generation
+    from worker.runners.train import run as run_training
 
     def job(kind: str, request: dict) -> SimpleNamespace:
         return SimpleNamespace(id="0" * 32, kind=kind, owner="alice", model=request["model"], request=request)

@@ -1,16 +1,51 @@
-"""`POST /train-router`: a router training job."""
+"""`POST /train-router`: a router training job: its request body, its admission and its route."""
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any, Literal
 
 from fastapi import APIRouter, Response
+from pydantic import Field, create_model
 
-from ..admission import admit_training
+from app.contract.settings import Settings
+from harmonica_core.train_config import EVAL_SAMPLES, settings
+from harmonica_core.validation import TRAINING_BOUNDS as TRAIN
+from harmonica_core.validation import Limits, validate_training
+
 from ..deps import Owner, ServiceDep
 from ..errors import POST_RESPONSES
-from ..schemas import JobOut, TrainRouterRequest
-from ..submit import IdempotencyKey, submit
+from ..schemas import JobOut, Strict
+from ..submit import IdempotencyKey, check_served, submit
+
+
+def _train_request() -> type[Strict]:
+    """The training request: the model, then `TrainConfig`'s settings (types, defaults, help and choices as
+    the CLI has them), then what only the service asks for."""
+    fields: dict[str, Any] = {"model": (str, Field("digits", description="a model from GET /models"))}
+    for setting in settings():
+        kind = Literal[setting.choices] if setting.choices else setting.type
+        bounds = TRAIN.get(setting.name, {})
+        fields[setting.name] = (kind, Field(setting.default, **bounds, description=setting.help))
+    fields["eval_samples"] = (
+        int,
+        Field(EVAL_SAMPLES, **TRAIN["eval_samples"], description="images generated to measure the router's quality"),
+    )
+    name = Field(
+        None, max_length=60, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$", description="readable prefix of the router id"
+    )
+    fields["name"] = (str | None, name)
+    return create_model("TrainRouterRequest", __base__=Strict, **fields)
+
+
+TrainRouterRequest = _train_request()
+
+
+def admit_training(body: TrainRouterRequest, settings: Settings) -> dict[str, Any]:
+    """The core's validation of a training config (shared with the CLI and the workers) with the served models."""
+    check_served(body.model, settings)
+    return validate_training(body.model_dump(), Limits.of(settings))
+
 
 router = APIRouter(tags=["jobs"])
 
