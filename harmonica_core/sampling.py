@@ -8,9 +8,10 @@ plan reproduces the pipelines exactly; it adds the cache, a per-step callback an
 from __future__ import annotations
 
 import inspect
+import itertools
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -43,6 +44,24 @@ class PromptEmbeddings:
         negative = None if self.negative_embeds is None else self.negative_embeds[rows]
         negative_mask = None if self.negative_mask is None else self.negative_mask[rows]
         return PromptEmbeddings(self.embeds[rows], self.mask[rows], negative, negative_mask)
+
+    def repeat_each(self, copies: int) -> PromptEmbeddings:
+        """Each row `copies` times in place, as the pipelines repeat a prompt for several images."""
+        return self.select(torch.arange(len(self.embeds)).repeat_interleave(copies))
+
+    @staticmethod
+    def concat(parts: list[PromptEmbeddings]) -> PromptEmbeddings:
+        """The rows of every part, in order; negatives only where every part has them."""
+
+        def cat(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if any(v is None for v in values) else torch.cat(values)
+
+        return PromptEmbeddings(
+            torch.cat([p.embeds for p in parts]),
+            torch.cat([p.mask for p in parts]),
+            cat([p.negative_embeds for p in parts]),
+            cat([p.negative_mask for p in parts]),
+        )
 
 
 @dataclass
@@ -147,6 +166,41 @@ def step_kwargs(scheduler: Any, seed: int) -> dict[str, Any]:
     return {}
 
 
+BATCH_FIELDS = ("steps", "scheduler", "guidance", "height", "width")
+"""What requests sharing one denoising batch must agree on (besides the plan); seeds and conditions may differ."""
+
+
+def images_of(request: GenerationRequest) -> int:
+    """How many images a request makes: one per class label, prompt or embedding row, times `num_images_per_prompt`."""
+    if request.prompt_embeddings is not None and not request.prompts:
+        return len(request.prompt_embeddings.embeds) * request.num_images_per_prompt
+    return len(request.class_labels or request.prompts or []) * request.num_images_per_prompt
+
+
+def merge_requests(requests: list[GenerationRequest]) -> GenerationRequest:
+    """One request for every image of `requests`, in order, one image per condition: the batch the family builds
+    for it holds each request's rows as that request alone would have them."""
+    first = requests[0]
+    for name in BATCH_FIELDS:
+        values = {getattr(r, name) for r in requests}
+        if len(values) > 1:
+            raise ValueError(f"requests that differ in {name} ({sorted(values, key=str)}) cannot share a batch")
+    if len({(r.class_labels is None, r.prompts is None, r.prompt_embeddings is None) for r in requests}) > 1:
+        raise ValueError("requests with class labels, prompts and prompt embeddings cannot share a batch")
+
+    def each(values: list[Any] | None, copies: int) -> list[Any]:
+        return [v for v in values or [] for _ in range(copies)]
+
+    labels = [y for r in requests for y in each(r.class_labels, r.num_images_per_prompt)]
+    prompts = [p for r in requests for p in each(r.prompts, r.num_images_per_prompt)]
+    embeddings = None
+    if first.prompt_embeddings is not None:
+        parts = [r.prompt_embeddings.repeat_each(r.num_images_per_prompt) for r in requests]
+        embeddings = PromptEmbeddings.concat(parts)
+    merged = {"class_labels": labels or None, "prompts": prompts or None, "prompt_embeddings": embeddings}
+    return replace(first, **merged, num_images_per_prompt=1)
+
+
 @torch.no_grad()
 def generate(
     model: Model,
@@ -157,6 +211,22 @@ def generate(
 ) -> GenerationResult:
     """Sample with the branch cache following `plan` (None = compute everything), in execution `mode`
     (`execution.MODES`: all give the same images within float tolerance)."""
+    return generate_batch(model, [request], plan, on_step, mode)[0]
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Model,
+    requests: list[GenerationRequest],
+    plan: CachePlan | None = None,
+    on_step: StepCallback | None = None,
+    mode: str = DEFAULT_MODE,
+) -> list[GenerationResult]:
+    """`generate` for several compatible requests (equal `BATCH_FIELDS`) as one denoising batch, which shares
+    every step's transformer call and cache decision: each request keeps its own seed and initial noise, so its
+    images equal those it gets alone within float tolerance (the samplers offered are deterministic after the
+    initial noise). The stats (counts, timings) are the batch's, the same in every result."""
+    request = merge_requests(requests)
     if request.steps < 1:
         raise ValueError("steps must be >= 1")
     height, width = model.check_size(request.height, request.width)
@@ -168,7 +238,11 @@ def generate(
         )
     cond = model.spec.conditioning(model, request)
     scheduler = model.make_scheduler(request.scheduler, request.steps)
-    latents = initial_noise(model, scheduler, cond.images, height, width, request.seed)
+    counts = [images_of(r) for r in requests]
+    if sum(counts) != cond.images:
+        raise ValueError(f"the requests ask for {counts} images but the conditioning holds {cond.images}")
+    noise = [initial_noise(model, scheduler, n, height, width, r.seed) for n, r in zip(counts, requests, strict=True)]
+    latents = torch.cat(noise)
     extra = step_kwargs(scheduler, request.seed)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
 
@@ -201,4 +275,5 @@ def generate(
         step_seconds=step_seconds,
         total_seconds=total,
     )
-    return GenerationResult(images, stats, cond.captions)
+    bounds = list(itertools.accumulate(counts, initial=0))
+    return [GenerationResult(images[a:b], stats, cond.captions[a:b]) for a, b in itertools.pairwise(bounds)]
