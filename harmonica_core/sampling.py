@@ -22,6 +22,7 @@ from .cache.plan import CachePlan
 from .execution import DEFAULT_MODE, Forward, transformer_forward
 from .families import Conditioning
 from .models import Model
+from .validation import BATCH_FIELDS
 
 StepCallback = Callable[[int, int], None]  # (steps done, total); raise GenerationCancelled to stop
 
@@ -164,10 +165,6 @@ def step_kwargs(scheduler: Any, seed: int) -> dict[str, Any]:
     if "generator" in inspect.signature(scheduler.step).parameters:
         return {"generator": torch.Generator(device="cpu").manual_seed(seed + 1)}
     return {}
-
-
-BATCH_FIELDS = ("steps", "scheduler", "guidance", "height", "width")
-"""What requests sharing one denoising batch must agree on (besides the plan); seeds and conditions may differ."""
 
 
 def images_of(request: GenerationRequest) -> int:

@@ -10,6 +10,8 @@ apply to catalog models; a local folder's family is only known once it loads.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import operator
 import os
 from collections.abc import Collection, Mapping
@@ -252,6 +254,20 @@ def validate_generation(
         if accel.get("threshold") is None:
             accel["threshold"] = router.threshold
     return req
+
+
+BATCH_FIELDS = ("steps", "scheduler", "guidance", "height", "width")
+"""What generation requests sharing one denoising batch must agree on, besides the model and the whole
+acceleration (the plan); seeds, conditions and image counts may differ."""
+
+
+def batch_signature(request: Mapping[str, Any]) -> tuple[str, int]:
+    """(key, rows) of a validated generation request: requests with equal keys may share a denoising batch, and
+    `rows` is how many transformer rows it adds to one (its images, doubled by classifier-free guidance)."""
+    shared = {name: request[name] for name in ("model", "acceleration", *BATCH_FIELDS)}
+    key = hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+    conditions = request["class_labels"] or request["prompts"] or []
+    return key, len(conditions) * request["num_images"] * (2 if request["guidance"] > 1 else 1)
 
 
 def validate_training(request: Mapping[str, Any], limits: Limits | None, *, data: bool = False) -> dict[str, Any]:

@@ -149,9 +149,13 @@ class Worker:
             self.process.wait(timeout=10)
 
 
-def queued_job(store: JobStore, kind: str = "generate", owner: str = "alice") -> Job:
-    """A job admitted into `store` as the gateway admits one (no message is sent)."""
+def queued_job(
+    store: JobStore, kind: str = "generate", owner: str = "alice", batch: tuple[str, int] | None = None
+) -> Job:
+    """A job admitted into `store` as the gateway admits one (no message is sent); `batch`: (key, rows)."""
     job = Job(new_job_id(), kind, "queued", owner, "digits", {"steps": 2}, now())
+    if batch is not None:
+        job.batch_key, job.batch_rows = batch
     assert store.admit(job, max_active=1000, max_queued=1000) is None
     return job
 

@@ -39,15 +39,35 @@ def get_model(name: str, settings: Settings) -> Model:
     return model
 
 
+Outcome = dict[str, Any] | Exception  # a job's result, or why it did not get one
+RunBatch = Callable[[list[Job], Settings, list[Report]], list[Outcome]]
+
+
 @dataclass(frozen=True)
 class Runner:
-    """How a job kind runs: the function, and the exception its `report` raises to stop it (cancellation)."""
+    """How a job kind runs: jobs (one, or a batch where the kind `batches`) with a `report` each, to one outcome
+    each; `cancelled` is the exception a `report` raises to stop its job."""
 
-    run: Callable[[Job, Settings, Report], dict[str, Any]]
+    run_batch: RunBatch
     cancelled: type[Exception]
+    batches: bool
 
 
 def runner_for(kind: JobKind) -> Runner:
-    """The kind's module in `worker/runners/`, named by its `JobKind.runner`."""
+    """The kind's module in `worker/runners/`, named by its `JobKind.runner`: `run_batch(jobs, settings, reports)`
+    where its jobs can share a batch, else `run(job, settings, report)`."""
     module = import_module(f"{__package__}.runners.{kind.runner}")
-    return Runner(module.run, module.CANCELLED)
+    if hasattr(module, "run_batch"):
+        return Runner(module.run_batch, module.CANCELLED, batches=True)
+    return Runner(_one_at_a_time(module.run), module.CANCELLED, batches=False)
+
+
+def _one_at_a_time(run: Callable[[Job, Settings, Report], dict[str, Any]]) -> RunBatch:
+    def run_batch(jobs: list[Job], settings: Settings, reports: list[Report]) -> list[Outcome]:
+        (job,), (report,) = jobs, reports
+        try:
+            return [run(job, settings, report)]
+        except Exception as error:
+            return [error]
+
+    return run_batch

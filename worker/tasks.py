@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
@@ -38,7 +38,7 @@ from . import telemetry
 from .celery_app import celery, store
 
 if TYPE_CHECKING:
-    from .runner import Report, Runner
+    from .runner import Outcome, Report, Runner
 
 log = logging.getLogger("harmonica.worker")
 PROGRESS_INTERVAL = 0.2  # seconds between progress writes; cancellation is checked at every step
@@ -80,9 +80,9 @@ class Lease:
     marks the lease lost, which stops the run at its next progress report.
     """
 
-    def __init__(self, store: JobStore, job_id: str, seconds: float) -> None:
+    def __init__(self, store: JobStore, job_id: str, seconds: float, token: str | None = None) -> None:
         self.store, self.job_id, self.seconds = store, job_id, seconds
-        self.token = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+        self.token = token or f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, daemon=True)
@@ -92,6 +92,11 @@ class Lease:
             return False
         self._thread.start()
         return True
+
+    def adopt(self) -> Lease:
+        """Renew a lease that `JobStore.claim_batch` took under this token."""
+        self._thread.start()
+        return self
 
     def _renew(self) -> None:
         while not self._stop.wait(self.seconds / 3):
@@ -174,28 +179,79 @@ def execute(task: Task, job_id: str, runner: Runner) -> None:
         if job.started_at is None:
             telemetry.record_start(job, started_at)
             job.started_at = started_at
-        run(job, runner, lease, settings)
+        batch: list[tuple[Job, Lease]] = [(job, lease)]
+        waited = 0.0
+        if runner.batches and job.batch_key and settings.max_batch_rows > job.batch_rows:
+            companions, waited = gather(job, lease.token, settings)
+            batch += [(companion, Lease(store, companion.id, settings.lease_seconds, lease.token).adopt())
+                      for companion in companions]  # fmt: skip
+        try:
+            run(batch, runner, settings, waited)
+        finally:
+            for _, companion_lease in batch[1:]:
+                companion_lease.release()
     finally:
         lease.release()
 
 
-def run(job: Job, runner: Runner, lease: Lease, settings: Settings) -> None:
-    with telemetry.in_progress(job.kind):
-        try:
-            result = runner.run(job, settings, reporter(store, job, lease, runner.cancelled))
-        except LeaseLost:
-            log.warning("job %s: stopped, another run holds it now", job.id)
-        except runner.cancelled:
-            finish(job, "canceled")
-        except SoftTimeLimitExceeded:
-            finish(job, "failed", error={"code": "timeout", "message": "the job ran past its soft time limit"})
-        except (ValueError, FileNotFoundError) as error:  # what the core raises for requests it cannot run
-            finish(job, "failed", error={"code": "invalid_request", "message": str(error)})
-        except Exception as error:
-            log.exception("job %s failed", job.id)
-            finish(job, "failed", error={"code": "internal", "message": f"{type(error).__name__}: {error}"})
-        else:
-            finish(job, "succeeded", result=result)
+def gather(job: Job, token: str, settings: Settings) -> tuple[list[Job], float]:
+    """Companions for `job`'s batch: the compatible queued jobs there are now, then, while some came and rows are
+    left, those that arrive within HARMONICA_BATCH_WAIT_MS. A job with no compatible job queued starts at once.
+    Returns the companions (each leased under `token`, running, one delivery further) and the seconds waited."""
+    start = time.monotonic()
+    deadline, rows, companions = start + settings.batch_wait_ms / 1000, settings.max_batch_rows - job.batch_rows, []
+    while rows > 0:
+        for job_id in store.claim_batch(job.batch_key, rows, token, settings.lease_seconds):
+            companion = store.get(job_id)
+            if companion is None:
+                continue
+            rows -= companion.batch_rows
+            telemetry.record_delivery(companion, companion.deliveries)
+            if companion.deliveries > settings.max_deliveries:
+                why = f"delivered {companion.deliveries} times: its workers died each time; not retried again"
+                finish(companion, "failed", error={"code": "redelivery_limit", "message": why})
+                store.release_lease(companion.id, token)
+                continue
+            if companion.deliveries == 1:
+                telemetry.record_start(companion, companion.started_at or now())
+            companions.append(companion)
+        if not companions or time.monotonic() >= deadline:
+            break
+        time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+    return companions, time.monotonic() - start
+
+
+def run(batch: list[tuple[Job, Lease]], runner: Runner, settings: Settings, waited: float) -> None:
+    """Run the batch's jobs together (one job where the kind does not batch) and give each its final state."""
+    jobs = [job for job, _ in batch]
+    reports = [reporter(store, job, lease, runner.cancelled) for job, lease in batch]
+    with ExitStack() as running:
+        for job in jobs:
+            running.enter_context(telemetry.in_progress(job.kind))
+        outcomes = runner.run_batch(jobs, settings, reports)
+    shared = None
+    if runner.batches:
+        shared = {"jobs": len(jobs), "rows": sum(job.batch_rows for job in jobs), "wait_s": round(waited, 4)}
+        telemetry.record_batch(jobs[0].kind, shared["jobs"], shared["rows"], waited)
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        conclude(job, outcome, runner.cancelled, shared)
+
+
+def conclude(job: Job, outcome: Outcome, cancelled: type[Exception], batch: dict[str, Any] | None) -> None:
+    """The job's final state from its outcome: a result, or the exception that stopped it."""
+    if isinstance(outcome, LeaseLost):
+        log.warning("job %s: stopped, another run holds it now", job.id)
+    elif isinstance(outcome, cancelled):
+        finish(job, "canceled")
+    elif isinstance(outcome, SoftTimeLimitExceeded):
+        finish(job, "failed", error={"code": "timeout", "message": "the job ran past its soft time limit"})
+    elif isinstance(outcome, (ValueError, FileNotFoundError)):  # what the core raises for requests it cannot run
+        finish(job, "failed", error={"code": "invalid_request", "message": str(outcome)})
+    elif isinstance(outcome, Exception):
+        log.error("job %s failed", job.id, exc_info=outcome)
+        finish(job, "failed", error={"code": "internal", "message": f"{type(outcome).__name__}: {outcome}"})
+    else:
+        finish(job, "succeeded", result=outcome if batch is None else outcome | {"batch": batch})
 
 
 def register(kind: JobKind) -> Task:

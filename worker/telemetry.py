@@ -28,6 +28,8 @@ def precreate(models: list[str]) -> None:
     for kind in KINDS:
         metrics.JOBS_IN_PROGRESS.labels(kind)
         metrics.REDELIVERIES.labels(kind)
+        for histogram in (metrics.BATCH_JOBS, metrics.BATCH_ROWS, metrics.BATCH_WAIT):
+            histogram.labels(kind)
         for reason in metrics.RECOVERY_REASONS:
             metrics.JOBS_RECOVERED.labels(kind, reason)
         for model in models:
@@ -87,6 +89,12 @@ def record_generation(model: str, method: str, stats: GenerationStats, images: i
     metrics.BRANCH_EVALUATIONS.labels(model, method, "reused").inc(stats.reused)
     metrics.THEORETICAL_SPEEDUP.labels(model, method).observe(stats.theoretical_speedup)
     metrics.IMAGES_GENERATED.labels(model).inc(images)
+
+
+def record_batch(kind: str, jobs: int, rows: int, waited: float) -> None:
+    metrics.BATCH_JOBS.labels(kind).observe(jobs)
+    metrics.BATCH_ROWS.labels(kind).observe(rows)
+    metrics.BATCH_WAIT.labels(kind).observe(waited)
 
 
 def record_training_update(model: str, objective: str, loss: float) -> None:

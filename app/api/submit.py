@@ -51,9 +51,11 @@ def submit(
     admit: Callable[[], dict[str, Any]],
     idempotency_key: str | None,
     response: Response,
+    batch: Callable[[dict[str, Any]], tuple[str, int]] | None = None,
 ) -> JobOut:
     """Admit the body (`admit` returns the normalized request or raises `InvalidRequest`), bind the idempotency key,
-    then create and enqueue the job; a replay of a bound key returns the bound job."""
+    then create and enqueue the job; a replay of a bound key returns the bound job. `batch` gives the (key, rows)
+    of a kind whose jobs may share a batch (`JobStore.claim_batch`)."""
     try:
         request = admit()
     except InvalidRequest as error:
@@ -62,6 +64,8 @@ def submit(
         raise ApiError(422, "Invalid request", str(error), errors=errors) from None
     fingerprint = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     job = Job(new_job_id(), kind, "queued", who, request["model"], request, now())
+    if batch is not None:
+        job.batch_key, job.batch_rows = batch(request)
     bound_key = None if idempotency_key is None else f"{kind}:{idempotency_key}"
     if bound_key is not None:
         bound = service.store.claim_idempotency_key(who, bound_key, job.id, fingerprint)

@@ -25,26 +25,47 @@ JSON_FIELDS = ("request", "progress", "result", "error")
 #   {prefix}queued:{kind}   queued jobs of one kind (the queue-depth limit; a kind has one queue)
 #   {prefix}live            every queued or running job (what the reconciler sweeps)
 #   {prefix}jobs:{owner}    the owner's jobs by creation time (listing)
+#   {prefix}batch:{key}     queued jobs that may share a denoising batch, by creation time (a job with a
+#                           `batch_key`: equal keys mean equal model, sampler, steps, guidance, size and plan)
+
+# Where a job waits to share a batch: maintained with the queued set by every script that moves a job.
+_BATCH_INDEX = """
+local function batch_index(prefix, key, id, queued)
+  local batch = redis.call('HGET', key, 'batch_key')
+  if not batch or batch == '' then return end
+  if queued then
+    redis.call('ZADD', prefix .. 'batch:' .. batch, redis.call('HGET', key, 'created_at'), id)
+  else
+    redis.call('ZREM', prefix .. 'batch:' .. batch, id)
+  end
+end
+"""
 
 # KEYS[1] job hash, KEYS[2] owner index, KEYS[3] owner active set, KEYS[4] live set, KEYS[5] queued set;
-# ARGV[1] per-owner limit, ARGV[2] queue limit, ARGV[3] job id, ARGV[4] created_at, ARGV[5..] fields.
-# Checks both limits and creates the job in one step, so no burst of requests gets past a limit.
-_ADMIT = """
+# ARGV[1] per-owner limit, ARGV[2] queue limit, ARGV[3] job id, ARGV[4] created_at, ARGV[5] key prefix,
+# ARGV[6..] fields. Checks both limits and creates the job in one step, so no burst gets past a limit.
+_ADMIT = (
+    _BATCH_INDEX
+    + """
 if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 'key_busy' end
 if redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[2]) then return 'queue_full' end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[3])
 redis.call('SADD', KEYS[5], ARGV[3])
+batch_index(ARGV[5], KEYS[1], ARGV[3], true)
 return 'ok'
 """
+)
 
 # KEYS[1] job hash; ARGV[1] allowed current states (comma-separated), ARGV[2] new state,
 # ARGV[3] TTL in seconds once final (0: not final), ARGV[4] key prefix, ARGV[5] '1' if the job's lease
 # must be absent (the reconciler's requeue: never take a job from a live holder), ARGV[6..] field/value
 # pairs. Returns the state found.
-_TRANSITION = """
+_TRANSITION = (
+    _BATCH_INDEX
+    + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return false end
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1] .. ':lease') == 1 then return current end
@@ -57,6 +78,7 @@ for state in string.gmatch(ARGV[1], '[^,]+') do
     else
       redis.call('SREM', ARGV[4] .. 'queued:' .. kind, id)
     end
+    batch_index(ARGV[4], KEYS[1], id, ARGV[2] == 'queued')
     if tonumber(ARGV[3]) > 0 then
       redis.call('EXPIRE', KEYS[1], ARGV[3])
       redis.call('SREM', ARGV[4] .. 'active:' .. redis.call('HGET', KEYS[1], 'owner'), id)
@@ -67,6 +89,7 @@ for state in string.gmatch(ARGV[1], '[^,]+') do
 end
 return current
 """
+)
 
 # KEYS[1] lease key; ARGV[1] owner token; ARGV[2] TTL in ms. Renews the owner's own lease, and takes it
 # back if it expired meanwhile (Redis was away longer than the lease); 0 if another holder has it.
@@ -76,6 +99,36 @@ if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 if not holder then return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) and 1 or 0 end
 return 0
 """
+# KEYS[1] batch index; ARGV[1] rows left in the batch, ARGV[2] key prefix, ARGV[3] lease token, ARGV[4] lease
+# TTL in ms, ARGV[5] started_at. Takes the oldest queued, unleased, uncanceled jobs of the index that fit the
+# rows left, as one more delivery of each: leased to the caller, running, out of the queued indexes.
+_CLAIM = (
+    _BATCH_INDEX
+    + """
+local claimed, left = {}, tonumber(ARGV[1])
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local key = ARGV[2] .. 'job:' .. id
+  local status = redis.call('HGET', key, 'status')
+  if status ~= 'queued' then
+    redis.call('ZREM', KEYS[1], id)
+  elseif redis.call('EXISTS', key .. ':lease') == 0 and redis.call('HGET', key, 'cancel_requested') ~= '1' then
+    local rows = tonumber(redis.call('HGET', key, 'batch_rows'))
+    if rows <= left then
+      left = left - rows
+      redis.call('SET', key .. ':lease', ARGV[3], 'PX', ARGV[4])
+      redis.call('HSET', key, 'status', 'running')
+      local started = redis.call('HGET', key, 'started_at')
+      if not started or started == '' then redis.call('HSET', key, 'started_at', ARGV[5]) end
+      redis.call('HINCRBY', key, 'deliveries', 1)
+      redis.call('SREM', ARGV[2] .. 'queued:' .. redis.call('HGET', key, 'kind'), id)
+      batch_index(ARGV[2], key, id, false)
+      table.insert(claimed, id)
+    end
+  end
+end
+return claimed
+"""
+)
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -106,6 +159,8 @@ class Job:
     error: dict[str, Any] | None = None
     deliveries: int = 0
     cancel_requested: bool = False
+    batch_key: str | None = None  # jobs with equal keys may share a denoising batch (generation)
+    batch_rows: int = 0  # the transformer rows it adds to a batch
 
     @property
     def final(self) -> bool:
@@ -122,7 +177,8 @@ class Job:
             request=decoded["request"] or {}, created_at=float(data["created_at"]), started_at=number("started_at"),
             finished_at=number("finished_at"), progress=decoded["progress"] or {}, result=decoded["result"],
             error=decoded["error"], deliveries=int(data.get("deliveries") or 0),
-            cancel_requested=data.get("cancel_requested") == "1",
+            cancel_requested=data.get("cancel_requested") == "1", batch_key=data.get("batch_key") or None,
+            batch_rows=int(data.get("batch_rows") or 0),
         )  # fmt: skip
 
 
@@ -153,6 +209,7 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._claim = client.register_script(_CLAIM)
 
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
@@ -174,7 +231,8 @@ class JobStore:
         `max_queued` jobs queued; returns the refusal (`key_busy`, `queue_full`) or None. Atomic."""
         keys = [self._key(job.id), self._index(job.owner), self._active(job.owner), self.live_key,
                 self._queued(job.kind)]  # fmt: skip
-        found = self._admit(keys=keys, args=[max_active, max_queued, job.id, job.created_at, *_flatten(job.__dict__)])
+        args = [max_active, max_queued, job.id, job.created_at, self.prefix, *_flatten(job.__dict__)]
+        found = self._admit(keys=keys, args=args)
         return None if found == b"ok" else found.decode()
 
     @property
@@ -272,6 +330,12 @@ class JobStore:
 
     def release_lease(self, job_id: str, token: str) -> None:
         self._release(keys=[self._lease(job_id)], args=[token])
+
+    def claim_batch(self, batch_key: str, rows: int, token: str, seconds: float) -> list[str]:
+        """Take queued jobs that may join a batch (oldest first, up to `rows` transformer rows in all): each is
+        leased to `token`, running and one delivery further, atomically; returns their ids."""
+        args = [rows, self.prefix, token, int(seconds * 1000), now()]
+        return [raw.decode() for raw in self._claim(keys=[f"{self.prefix}batch:{batch_key}"], args=args)]
 
     # Worker heartbeats, read by /readyz and the workers gauge. A heartbeat carries the models the
     # worker's pool process has loaded, so readiness means "model resident", not just "process up".

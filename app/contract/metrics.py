@@ -71,6 +71,22 @@ JOBS_RECOVERED = Counter(
     ["kind", "reason"],
 )
 RECOVERY_REASONS = ("worker_lost", "message_lost")
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+BATCH_JOBS = Histogram(
+    "harmonica_batch_jobs", "Jobs that shared one denoising batch", ["kind"], buckets=BATCH_SIZE_BUCKETS
+)
+BATCH_ROWS = Histogram(
+    "harmonica_batch_rows",
+    "Transformer rows of one denoising batch (images, doubled by guidance)",
+    ["kind"],
+    buckets=BATCH_SIZE_BUCKETS,
+)
+BATCH_WAIT = Histogram(
+    "harmonica_batch_wait_seconds",
+    "Time a forming batch waited for compatible jobs",
+    ["kind"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 TRAIN_ITERATIONS = Counter("harmonica_router_training_iterations_total", "Router updates done", ["model", "objective"])
 TRAIN_LOSS = Gauge(
     "harmonica_router_training_loss",

@@ -40,6 +40,18 @@ class SettingsBase(BaseSettings):
         DEFAULT_EXECUTION_MODE,
         description="how workers run the transformer: " + "; ".join(f"{k}: {v}" for k, v in EXECUTION_MODES.items()),
     )
+    max_batch_rows: int = Field(
+        32,
+        ge=0,
+        description="transformer rows (images, doubled by guidance) compatible generation jobs may share "
+        "in one denoising batch; 0: every job runs alone",
+    )
+    batch_wait_ms: float = Field(
+        50,
+        ge=0,
+        description="how long a forming batch waits for more compatible jobs; a job with no compatible "
+        "job queued starts at once",
+    )
     torch_threads: int = Field(
         0, ge=0, description="torch threads of each worker pool process; 0: this machine's cores over the pool size"
     )

@@ -87,3 +87,23 @@ def test_worker_keys_expire_without_heartbeats(store):
     assert set(store.workers()) == {"w@x"}
     time.sleep(1.5)
     assert store.workers() == {} and not store.redis.exists("test:loaded:w@x")
+
+
+def test_a_batch_claims_the_oldest_compatible_queued_jobs_that_fit_its_rows(store):
+    first, second, big = (queued_job(store, batch=("k", rows)) for rows in (2, 2, 4))
+    canceled, other, plain = queued_job(store, batch=("k", 2)), queued_job(store, batch=("j", 2)), queued_job(store)
+    store.request_cancel(canceled.id)
+    assert store.claim_batch("k", rows=5, token="w1", seconds=30) == [first.id, second.id]  # big does not fit
+    for job in (first, second):
+        record = store.get(job.id)
+        assert record.status == "running" and record.deliveries == 1 and record.started_at is not None
+        assert store.redis.get(f"test:job:{job.id}:lease") == b"w1"
+    assert store.queued("generate") == 3  # big, other and plain wait; the canceled job left the queue
+    assert store.claim_batch("k", rows=8, token="w2", seconds=30) == [big.id]
+    assert store.claim_batch("k", rows=8, token="w2", seconds=30) == []
+    assert store.get(other.id).status == "queued" and store.get(plain.id).status == "queued"
+    # the reconciler's requeue puts a lost batch job back where batches find it
+    store.release_lease(first.id, "w1")
+    assert store.transition(first.id, ("running",), "queued", unleased=True) == "running"
+    assert store.claim_batch("k", rows=2, token="w3", seconds=30) == [first.id]
+    assert store.get(first.id).deliveries == 2

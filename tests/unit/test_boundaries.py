@@ -63,7 +63,7 @@ def test_every_job_kind_has_a_task_a_route_time_limits_and_a_runner():
         posts = [route.path for route in import_module(f"app.api.routes.{kind.route}").router.routes]
         assert posts and all("post" in paths[path] for path in posts)
         runner = runner_for(kind)
-        assert callable(runner.run) and issubclass(runner.cancelled, Exception)
+        assert callable(runner.run_batch) and issubclass(runner.cancelled, Exception)
 
 
 def test_request_validation_is_torch_free():

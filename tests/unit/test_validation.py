@@ -197,14 +197,14 @@ def test_train_router_l2c_beyond_digits_needs_data(capsys, tmp_path):
 
 
 def test_the_worker_checks_a_stored_request_again_before_loading_a_model():
-    from worker.runners.generate import run as run_generation
+    from worker.runners.generate import run_batch
     from worker.runners.train import run as run_training
 
     def job(kind: str, request: dict) -> SimpleNamespace:
         return SimpleNamespace(id="0" * 32, kind=kind, owner="alice", model=request["model"], request=request)
 
     settings = Settings(max_images_per_job=4)
-    with pytest.raises(ValueError, match="at most 4"):
-        run_generation(job("generate", generation({"class_labels": [1, 2, 3, 4, 5]})), settings, print)
+    (refused,) = run_batch([job("generate", generation({"class_labels": [1, 2, 3, 4, 5]}))], settings, [print])
+    assert isinstance(refused, ValueError) and "at most 4" in str(refused)
     with pytest.raises(ValueError, match="iterations is 30000"):
         run_training(job("train_router", {**TrainRouterRequest().model_dump(), "iterations": 30000}), settings, print)

@@ -1,4 +1,9 @@
-"""Image generation: the stored request validated again, its plan, the images written to the job's folder."""
+"""Image generation: jobs of one batch key share one denoising batch; each job's request is validated again, and
+its images, progress and final state stay its own.
+
+A job canceled (or whose lease was lost) mid-batch drops out at the next step: its rows are still computed and
+then discarded, since keeping the batch's shape keeps every cached branch output (and compiled graph) valid.
+"""
 
 from __future__ import annotations
 
@@ -10,38 +15,75 @@ from app.contract.settings import Settings
 from harmonica_core.cache.methods import NEEDS_ROUTER, plan_from_request
 from harmonica_core.images import save_images
 from harmonica_core.router import load_router
-from harmonica_core.sampling import GenerationCancelled, GenerationRequest, generate
+from harmonica_core.sampling import GenerationCancelled, GenerationRequest, generate_batch
 from harmonica_core.validation import Limits, RouterInfo, validate_generation
 
 from .. import telemetry
-from ..runner import Report, get_model
+from ..runner import Outcome, Report, get_model
 
 CANCELLED = GenerationCancelled
 
 
-def run(job: Job, settings: Settings, report: Report) -> dict[str, Any]:
+def _validated(job: Job, settings: Settings) -> tuple[dict[str, Any], Any]:
+    """The gateway's validation again (defence in depth: an InvalidRequest is a ValueError, so invalid_request),
+    with the job's router entry if its method uses one."""
     accel, entry = job.request["acceleration"], None
     if accel["method"] in NEEDS_ROUTER:
         entry = RouterRegistry(settings.routers_dir, job.owner).get(accel["router_id"])
         if entry is None:
             raise ValueError(f"router {accel['router_id']!r} no longer exists")
-    # The gateway's validation again (defence in depth): an InvalidRequest is a ValueError, so invalid_request.
     info = None if entry is None else RouterInfo.from_metadata(entry.id, entry.metadata)
-    req = validate_generation(job.request, Limits.of(settings), info)
-    accel = req["acceleration"]
-    model = get_model(job.model, settings)
-    router = None
-    if entry is not None:
-        router, _ = load_router(entry.path, model.router_target(req["scheduler"], req["steps"]))
-    plan = plan_from_request(accel, req["steps"], model.branch_layout, router)
-    request = GenerationRequest.from_request(req)
+    return validate_generation(job.request, Limits.of(settings), info), entry
 
-    def on_step(done: int, total: int) -> None:
-        report({"step": done, "total": total})
 
-    result = generate(model, request, plan, on_step, mode=settings.execution_mode)
-    names = save_images(result.images, result.labels, req["num_images"], settings.job_dir(job.id))
-    method = accel["method"]
-    telemetry.record_generation(job.model, method, result.stats, len(names))
-    summary = {"images": names, "grid": "grid.png", "captions": result.labels, "method": method}
-    return summary | {"execution_mode": settings.execution_mode, **result.stats.as_dict()}
+def run_batch(jobs: list[Job], settings: Settings, reports: list[Report]) -> list[Outcome]:
+    """Jobs with equal batch keys (equal model, sampler, steps, guidance, size and acceleration) as one batch."""
+    outcomes: dict[int, Outcome] = {}
+    requests: dict[int, dict[str, Any]] = {}
+    entry = None
+    for i, job in enumerate(jobs):
+        try:
+            requests[i], entry = _validated(job, settings)
+        except Exception as error:
+            outcomes[i] = error
+    members = list(requests)
+    live = set(members)
+    if not members:
+        return [outcomes[i] for i in range(len(jobs))]
+    first = requests[members[0]]
+    try:
+        model = get_model(jobs[members[0]].model, settings)
+        router = None
+        if entry is not None:
+            router, _ = load_router(entry.path, model.router_target(first["scheduler"], first["steps"]))
+        plan = plan_from_request(first["acceleration"], first["steps"], model.branch_layout, router)
+
+        def on_step(done: int, total: int) -> None:
+            for i in sorted(live):
+                try:
+                    reports[i]({"step": done, "total": total})
+                except Exception as error:  # canceled or lease lost: out of the batch, its rows discarded
+                    outcomes[i] = error
+                    live.discard(i)
+            if not live:
+                raise GenerationCancelled("every job of the batch stopped")
+
+        batch = [GenerationRequest.from_request(requests[i]) for i in members]
+        results = generate_batch(model, batch, plan, on_step, mode=settings.execution_mode)
+    except Exception as error:  # the batch as a whole failed (or every job stopped): each live job gets the reason
+        for i in live:
+            outcomes[i] = error
+        return [outcomes[i] for i in range(len(jobs))]
+    method = first["acceleration"]["method"]
+    for i, result in zip(members, results, strict=True):
+        if i not in live:
+            continue
+        try:  # one job's post-processing fails that job alone
+            req = requests[i]
+            names = save_images(result.images, result.labels, req["num_images"], settings.job_dir(jobs[i].id))
+            telemetry.record_generation(jobs[i].model, method, result.stats, len(names))
+            summary = {"images": names, "grid": "grid.png", "captions": result.labels, "method": method}
+            outcomes[i] = summary | {"execution_mode": settings.execution_mode, **result.stats.as_dict()}
+        except Exception as error:
+            outcomes[i] = error
+    return [outcomes[i] for i in range(len(jobs))]

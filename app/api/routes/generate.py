@@ -15,7 +15,7 @@ from harmonica_core.cache.methods import METHODS, NEEDS_ROUTER, methods_using, p
 from harmonica_core.catalog import SCHEDULER_NAMES
 from harmonica_core.errors import InvalidRequest
 from harmonica_core.validation import GENERATION_BOUNDS as GEN
-from harmonica_core.validation import Limits, RouterInfo, validate_generation
+from harmonica_core.validation import Limits, RouterInfo, batch_signature, validate_generation
 
 from ..deps import Owner, Routers, ServiceDep
 from ..errors import POST_RESPONSES
@@ -107,4 +107,4 @@ def post_generate(
 ) -> JobOut:
     """Generate images; poll the returned job (Location header) until it succeeds, then fetch its images."""
     admit = partial(admit_generate, body, service.settings, registry)
-    return submit(service, "generate", who, body, admit, idempotency_key, response)
+    return submit(service, "generate", who, body, admit, idempotency_key, response, batch_signature)
