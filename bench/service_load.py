@@ -2,7 +2,9 @@
 
 An open model submits at a fixed rate whatever the service does, so an overloaded service shows up
 as growing queue time instead of being hidden by clients that wait (coordinated omission). Each phase
-runs one cache method; the job records give queue, inference and end-to-end seconds per job.
+runs one cache method; the job records give queue, inference and end-to-end seconds per job. Jobs not
+final `--drain` seconds after a phase are counted as unfinished. Batching on and off at rising rates of
+one-image jobs: `bench/batching.py`, which starts its own services.
 
     make run                                   # in another terminal: gateway + workers on :8000
     python bench/service_load.py --rate 2 --duration 60
@@ -64,8 +66,9 @@ def run_phase(base: str, method: str, args: argparse.Namespace, rng: random.Rand
             bar.update(1)
             next_at += rng.expovariate(args.rate)
     records: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + args.drain
     with tqdm(desc=f"{method}: finishing", unit="job", total=len(submitted)) as bar:
-        while len(records) < len(submitted):
+        while len(records) < len(submitted) and time.monotonic() < deadline:
             for job_id in submitted:
                 if job_id not in records:
                     job = call(f"{base}/jobs/{job_id}", key=args.key)[1]
@@ -87,6 +90,7 @@ def run_phase(base: str, method: str, args: argparse.Namespace, rng: random.Rand
     }  # fmt: skip
     return {
         "method": method, "submitted": len(submitted), "rejected": rejected, "succeeded": len(done),
+        "unfinished_at_deadline": len(submitted) - len(records),
         "failed": sum(j["status"] == "failed" for j in records.values()),
         "throughput_jobs_per_s": len(done) / span if span else 0.0,
         "cache_usage_rate": statistics.fmean(j["result"]["cache_usage_rate"] for j in done) if done else None,
@@ -119,6 +123,7 @@ def main() -> None:
     parser.add_argument("--key", default=os.environ.get("HARMONICA_API_KEY"), help="API key, if the service has keys")
     parser.add_argument("--rate", type=float, default=2.0, help="job arrivals per second (Poisson)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per method")
+    parser.add_argument("--drain", type=float, default=300.0, help="seconds to wait for a phase's jobs after it")
     parser.add_argument("--images", type=int, default=1, help="images per digit (10 digits per job)")
     parser.add_argument("--methods", default="none,harmonica")
     parser.add_argument("--seed", type=int, default=0)

@@ -40,9 +40,19 @@ from harmonica_core.timing import Run, interleaved_latencies
 
 DIT_XL_2_256 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                     sample_size=32, patch_size=2)  # fmt: skip
-PIXART_XL_2_512 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                       sample_size=64, patch_size=2, caption_channels=4096, cross_attention_dim=1152,
-                       norm_type="ada_norm_single", use_additional_conditions=False)  # fmt: skip
+PIXART_XL_2_512 = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    sample_size=64,
+    patch_size=2,
+    caption_channels=4096,
+    cross_attention_dim=1152,
+    norm_type="ada_norm_single",
+    use_additional_conditions=False,
+)
 TEXT_TOKENS = 120  # PixArt-α's T5 sequence length
 
 
@@ -142,27 +152,45 @@ def main(args: argparse.Namespace) -> int:
         name_ = f"{mode}|{batch}|{plan_name}"
         st = stats[name_]
         realized, theoretical = median[mode, batch, "none"] / median[mode, batch, plan_name], st.theoretical_speedup
-        rows.append({
-            "mode": mode, "batch": batch, "method": plan_name, "cache_usage_rate": st.cache_usage_rate,
-            "median_s": median[mode, batch, plan_name], "realized_speedup": realized,
-            "theoretical_speedup": theoretical, "realized_over_theoretical": realized / theoretical,
-            "seconds": seconds[name_],
-        })  # fmt: skip
+        rows.append(
+            {
+                "mode": mode,
+                "batch": batch,
+                "method": plan_name,
+                "cache_usage_rate": st.cache_usage_rate,
+                "median_s": median[mode, batch, plan_name],
+                "realized_speedup": realized,
+                "theoretical_speedup": theoretical,
+                "realized_over_theoretical": realized / theoretical,
+                "seconds": seconds[name_],
+            }
+        )
     bounds = []
     for batch in batches:
         step_macs = profile.transformer_macs * batch * cond_rows
         for mode in args.modes:
-            bounds.append({
-                "mode": mode, "batch": batch, "uncached_step_s": median[mode, batch, "none"] / args.steps,
-                "arithmetic_bound_s": step_macs / peak,
-            })  # fmt: skip
+            bounds.append(
+                {
+                    "mode": mode,
+                    "batch": batch,
+                    "uncached_step_s": median[mode, batch, "none"] / args.steps,
+                    "arithmetic_bound_s": step_macs / peak,
+                }
+            )
     command = "python " + " ".join(sys.argv)
     device = device_name(args.device)
     result = {
-        "command": command, "args": vars(args) | {"batches": batches, "model": name}, "model": model.name,
-        "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "peak_macs_per_s": peak, "compile_seconds": compile_seconds, "step_bounds": bounds, "rows": rows,
-    }  # fmt: skip
+        "command": command,
+        "args": vars(args) | {"batches": batches, "model": name},
+        "model": model.name,
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "peak_macs_per_s": peak,
+        "compile_seconds": compile_seconds,
+        "step_bounds": bounds,
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"speed_{'gpu' if cuda else 'cpu'}_{name}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -173,8 +201,10 @@ def main(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["realized_over_theoretical"]
-        print(f"| {r['mode']} | {r['batch']} | {r['method']} | {r['cache_usage_rate']:.1%} | {r['median_s']:.3f} | "
-              f"{r['realized_speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | {ratio:.2f} |")  # fmt: skip
+        print(
+            f"| {r['mode']} | {r['batch']} | {r['method']} | {r['cache_usage_rate']:.1%} | {r['median_s']:.3f} | "
+            f"{r['realized_speedup']:.2f}x | {r['theoretical_speedup']:.2f}x | {ratio:.2f} |"
+        )
     print(f"\nmatrix-product peak measured: {peak / 1e9:.1f} GMAC/s ({model.dtype})")
     print("| mode | batch | uncached step s | arithmetic bound s | ratio |\n|---|---|---|---|---|")
     for b in bounds:
@@ -217,8 +247,12 @@ def plot(rows: list[dict], modes: list[str], batches: list[int], title: str, pat
             values = {
                 r["method"]: r["realized_over_theoretical"] for r in rows if r["batch"] == batch and r["mode"] == mode
             }
-            ax.bar([i + (j - (len(modes) - 1) / 2) * width for i in range(len(methods))],
-                   [values[m] for m in methods], width, label=mode)  # fmt: skip
+            ax.bar(
+                [i + (j - (len(modes) - 1) / 2) * width for i in range(len(methods))],
+                [values[m] for m in methods],
+                width,
+                label=mode,
+            )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(methods)), methods, rotation=20, fontsize=8)
         ax.set_title(f"batch {batch}", fontsize=9)

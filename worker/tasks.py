@@ -183,8 +183,10 @@ def execute(task: Task, job_id: str, runner: Runner) -> None:
         waited = 0.0
         if runner.batches and job.batch_key and settings.max_batch_rows > job.batch_rows:
             companions, waited = gather(job, lease.token, settings)
-            batch += [(companion, Lease(store, companion.id, settings.lease_seconds, lease.token).adopt())
-                      for companion in companions]  # fmt: skip
+            batch += [
+                (companion, Lease(store, companion.id, settings.lease_seconds, lease.token).adopt())
+                for companion in companions
+            ]
         try:
             run(batch, runner, settings, waited)
         finally:

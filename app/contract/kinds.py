@@ -27,7 +27,8 @@ class JobKind:
         soft_seconds, hard_seconds: those fields' defaults. Past the soft limit the job fails with `timeout`;
             past the hard one the pool child is killed.
         route: its module in `app/api/routes/` (an `APIRouter` named `router`).
-        runner: its module in `worker/runners/` (`run(job, settings, report)` and `CANCELLED`).
+        runner: its module in `worker/runners/` (`run(job, settings, report)`, or `run_batch(jobs, settings,
+            reports)` where jobs can share a batch, and `CANCELLED`).
     """
 
     name: str
@@ -63,13 +64,25 @@ KINDS: dict[str, JobKind] = {
     kind.name: kind
     for kind in (
         JobKind(
-            "generate", queue="gen", limits="gen", soft_seconds=300, hard_seconds=360, route="generate",
-            runner="generate", description="image generation",
+            "generate",
+            queue="gen",
+            limits="gen",
+            soft_seconds=300,
+            hard_seconds=360,
+            route="generate",
+            runner="generate",
+            description="image generation",
         ),
         JobKind(
-            "train_router", queue="train", limits="train", soft_seconds=6 * 3600, hard_seconds=6 * 3600 + 120,
-            route="train", runner="train", description="router training",
+            "train_router",
+            queue="train",
+            limits="train",
+            soft_seconds=6 * 3600,
+            hard_seconds=6 * 3600 + 120,
+            route="train",
+            runner="train",
+            description="router training",
         ),
     )
-}  # fmt: skip
+}
 QUEUES: tuple[str, ...] = tuple(dict.fromkeys(kind.queue for kind in KINDS.values()))

@@ -56,8 +56,12 @@ def test_compatible_jobs_share_a_batch_and_each_gets_the_images_it_gets_alone(st
     digits = load_model("digits")
     plan = make_plan("fora", 10, digits.branch_layout, interval=2)
     for body, job in zip(compatible, jobs, strict=False):
-        request = GenerationRequest(class_labels=body["class_labels"], num_images_per_prompt=body.get("num_images", 1),
-                                    steps=10, seed=body["seed"])  # fmt: skip
+        request = GenerationRequest(
+            class_labels=body["class_labels"],
+            num_images_per_prompt=body.get("num_images", 1),
+            steps=10,
+            seed=body["seed"],
+        )
         alone = (generate(digits, request, plan).images * 255).round().numpy()
         for index, link in enumerate(job["links"]["images"]):
             served = np.asarray(Image.open(io.BytesIO(client.get(link).content)), dtype=np.float32)

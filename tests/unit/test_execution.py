@@ -29,10 +29,19 @@ def _pixart_with_sizes() -> Model:
     """A tiny PixArt-α 1024-style transformer: its adaLN also embeds the resolution and aspect ratio."""
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single", use_additional_conditions=True,
-    ).eval()  # fmt: skip
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=24,
+        out_channels=8,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        use_additional_conditions=True,
+    ).eval()
     return Model("tiny pixart 1024-style", "pixart", transformer, DDIMScheduler())
 
 
