@@ -32,6 +32,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+PROBES = ("/healthz", "/readyz")
+
+
+class QuietProbes(logging.Filter):
+    """Drop the access lines of health probes: polled every few seconds (by `make run` while it starts, by
+    Docker and load balancers always), they would bury every other line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args  # uvicorn's access record: (client, method, path, http version, status)
+        return not (isinstance(args, tuple) and len(args) > 2 and str(args[2]).split("?")[0] in PROBES)
+
+
 def configure_logging(level: str | int | None = None) -> None:
     """Route every logger (uvicorn's and Celery's included) to one JSON handler on stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -42,3 +54,6 @@ def configure_logging(level: str | int | None = None) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QuietProbes) for f in access.filters):
+        access.addFilter(QuietProbes())

@@ -37,7 +37,11 @@ class ModelInfo:
     family: str  # a key of `families.FAMILIES`: its admission rules (class labels or prompts, sizes)
     num_classes: int = 0  # class-conditional families: labels are 0..num_classes-1
     size: int = 0  # default (and, for fixed-size families, only) image side in pixels
-    max_size: int = 0  # families with free sizes: the largest side
+    max_size: int = 0  # the largest side; fixed-size families: their size
+
+    def __post_init__(self) -> None:
+        if not self.max_size:
+            object.__setattr__(self, "max_size", self.size)
 
 
 MODELS: dict[str, ModelInfo] = {

@@ -223,7 +223,7 @@ def _load_hub(name: str) -> Model:
         raise ModelNotFoundError(
             f"model {name!r} is not in the local Hugging Face cache"
             f"{' (HF_HUB_OFFLINE is set)' if offline else ' and could not be downloaded'}: run "
-            f"`huggingface-cli download {name}` on a machine with internet and copy ~/.cache/huggingface, "
+            f"`hf download {name}` (huggingface_hub's CLI) on a machine with internet and copy ~/.cache/huggingface, "
             f"or pass a local diffusers folder ({type(error).__name__})"
         ) from None
     return _load_pipeline_folder(name, folder)

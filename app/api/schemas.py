@@ -94,7 +94,7 @@ class ModelOut(BaseModel):
     family: str = Field(description="dit: class labels; pixart: prompts")
     num_classes: int
     size: int = Field(description="default image side in pixels")
-    max_size: int
+    max_size: int = Field(description="largest image side in pixels (DiT models: their one size)")
     routers: list[str] = Field(description="router ids for this model")
 
 

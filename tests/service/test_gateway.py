@@ -183,6 +183,7 @@ def test_busy_key_and_full_queue_are_429_and_large_bodies_413(gateway):
 def test_models_routers_and_openapi(gateway):
     models = gateway.get("/models").json()
     assert models[0]["id"] == "digits" and models[0]["num_classes"] == 10
+    assert models[0]["size"] == models[0]["max_size"] == 8  # a DiT model's one size is also its largest
     assert "builtin-digits-iepo-ddim-t20" in models[0]["routers"]
     router = gateway.get("/routers/builtin-digits-iepo-ddim-t20").json()
     assert router["steps"] == 20 and router["scheduler"] == "ddim" and router["quality"]["theoretical_speedup"] > 2

@@ -29,6 +29,7 @@ def test_make_run_serves_a_generation_and_stops_on_ctrl_c(tmp_path):
             text = log.read_text()
             assert f"http://127.0.0.1:{port}/docs" in text and "curl -s -X POST" in text, text
             assert "open to anyone" in text  # no keys: it says so
+            assert "/readyz" not in text  # the launcher's readiness polls leave no access lines to bury this
             family = [make.pid] + [p.pid for p in psutil.Process(make.pid).children(recursive=True)]
             base = f"http://127.0.0.1:{port}"
             status, body = http_json(f"{base}/generate", {"class_labels": [4], "steps": 10})

@@ -38,7 +38,7 @@ def test_generate_writes_images_and_a_summary(tmp_path):
         (["--threshold", "2"], "must be in [0, 1]"),
         (["--prompt", "a three"], "digits is class-conditional"),
         (["--labels", "1", "--num-images", "100000"], "at most 64 is allowed here"),
-        (["--model", "facebook/DiT-XL-2-256"], "huggingface-cli download"),
+        (["--model", "facebook/DiT-XL-2-256"], "hf download"),
         (["--device", "banana"], "unknown device 'banana'"),
     ],
 )

@@ -52,7 +52,7 @@ def test_every_catalog_model_names_a_registered_family():
 def test_missing_models_give_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(ModelNotFoundError, match="huggingface-cli download facebook/DiT-XL-2-256"):
+    with pytest.raises(ModelNotFoundError, match="hf download facebook/DiT-XL-2-256"):
         load_model("facebook/DiT-XL-2-256")
     with pytest.raises(ModelNotFoundError, match="not a diffusers pipeline"):
         load_model(str(tmp_path))
