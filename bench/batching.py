@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from chaos import ROUTER, Service, cpu_model
-from service_load import FINAL, call, percentile
+from chaos import ROUTER, Service
+from service_load import FINAL, call, cpu_model, percentile
 
 CONFIGS = {"alone": {"HARMONICA_MAX_BATCH_ROWS": "0"}, "batched": {}}
 

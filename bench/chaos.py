@@ -49,7 +49,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from service_load import FINAL, call  # noqa: E402
+from service_load import FINAL, call, cpu_model  # noqa: E402
 
 from app.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from tests.servicekit import Worker, wait_until  # noqa: E402
@@ -304,18 +304,6 @@ def duplicated(job: dict[str, Any], service: Service) -> str | None:
         return f"files {sorted(set(found) ^ listed)} differ from the result"
     late = [name for name, mtime in found.items() if mtime > job["finished_at"] + 0.5]
     return f"{late} written after the job was final" if late else None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def report(service: Service, submissions: Submissions, records: dict[str, dict[str, Any]], missing: set[str],

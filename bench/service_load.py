@@ -44,6 +44,17 @@ def call(url: str, body: dict[str, Any] | None = None, key: str | None = None) -
         return error.code, json.loads(error.read() or b"null")
 
 
+def cpu_model() -> str:
+    """The processor's name, for the device a benchmark ran on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -137,7 +148,7 @@ def main() -> None:
     command = "python bench/service_load.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if k not in {"key", "out"}
     )
-    result = {"command": command, "host": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    result = {"command": command, "host": cpu_model(), "cpus": os.cpu_count(),
               "workers": ready["workers"], "phases": phases}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "service_load.json").write_text(json.dumps(result, indent=2) + "\n")

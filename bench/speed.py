@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel, PixArtAlphaPipeline, PixArtTransformer2DModel
+from service_load import cpu_model  # bench/ is this script's folder, so first on sys.path
 from tqdm import tqdm
 
 from harmonica_core.cache.methods import fora_plan, make_plan, none_plan
@@ -115,11 +115,7 @@ def peak_macs_per_second(device: str, dtype: torch.dtype) -> float:
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [
-        line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-    ]
-    return f"{names[0] if names else platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 
 from .branches import find_branches
-from .cache.hooks import CacheConfig, CopyReuse, ReuseStrategy, branch_cache
+from .cache.hooks import CacheConfig, CacheState, CopyReuse, ReuseStrategy, branch_cache
 from .cache.plan import CachePlan
 from .catalog import DEFAULT_EXECUTION_MODE as DEFAULT_MODE
 from .catalog import EXECUTION_MODES as MODES
@@ -45,11 +45,18 @@ class Forward(Protocol):
 
 
 class EagerForward:
-    """diffusers' forward; the hooks of `branch_cache` follow the plan."""
+    """diffusers' forward; the hooks of `branch_cache` follow the plan and count the branches."""
 
-    def __init__(self, model: Model, cond: Conditioning) -> None:
-        self.transformer, self.kwargs = model.transformer, cond.kwargs
-        self.computed = self.reused = 0
+    def __init__(self, model: Model, cond: Conditioning, state: CacheState) -> None:
+        self.transformer, self.kwargs, self.state = model.transformer, cond.kwargs, state
+
+    @property
+    def computed(self) -> int:
+        return self.state.computed
+
+    @property
+    def reused(self) -> int:
+        return self.state.reused
 
     def __call__(self, batch: torch.Tensor, timestep: torch.Tensor, k: int) -> torch.Tensor:
         return self.transformer(batch, timestep=timestep, return_dict=False, **self.kwargs)[0]
@@ -125,10 +132,8 @@ def transformer_forward(
     if mode != "eager":
         yield PlannedForward(model, plan, cond, timesteps, compiled=mode == "compiled")
         return
-    forward = EagerForward(model, cond)
     with branch_cache(model.transformer, CacheConfig(plan=plan)) as state:
-        yield forward
-        forward.computed, forward.reused = state.computed, state.reused
+        yield EagerForward(model, cond, state)
 
 
 def variant_plan(steps_per_variant: int, layout: list[str]) -> CachePlan:

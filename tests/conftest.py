@@ -46,14 +46,20 @@ def dit_folder(tmp_path_factory: pytest.TempPathFactory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def pixart_folder(tmp_path_factory: pytest.TempPathFactory):
+def tiny_pixart_transformer(use_additional_conditions: bool) -> PixArtTransformer2DModel:
+    """A tiny random PixArt transformer; with `use_additional_conditions` its adaLN also embeds the resolution
+    and aspect ratio, as PixArt-α 1024 does."""
     torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
+    return PixArtTransformer2DModel(
         sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
         caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single", use_additional_conditions=False,
+        norm_type="ada_norm_single", use_additional_conditions=use_additional_conditions,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def pixart_folder(tmp_path_factory: pytest.TempPathFactory):
+    transformer = tiny_pixart_transformer(use_additional_conditions=False)
     pipe = PixArtAlphaPipeline(
         tokenizer=None, text_encoder=None, vae=AutoencoderKL(), transformer=transformer, scheduler=DDIMScheduler()
     )
@@ -70,6 +76,12 @@ def tiny_dit(dit_folder) -> Model:
 @pytest.fixture
 def tiny_pixart(pixart_folder) -> Model:
     return load_model(str(pixart_folder))
+
+
+@pytest.fixture
+def tiny_pixart_with_sizes() -> Model:
+    """The tiny PixArt with resolution and aspect-ratio conditioning, as a bare transformer (no pipeline)."""
+    return Model("tiny pixart 1024-style", "pixart", tiny_pixart_transformer(True).eval(), DDIMScheduler())
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, PixArtTransformer2DModel
 
 from harmonica_core.cache.methods import fora_plan, make_plan, none_plan
 from harmonica_core.cache.plan import CachePlan
@@ -25,30 +24,11 @@ def _random_plan(steps: int, branches: int, seed: int = 0) -> CachePlan:
     return CachePlan.from_rows([[True] * branches, *rows[1:]])
 
 
-def _pixart_with_sizes() -> Model:
-    """A tiny PixArt-α 1024-style transformer: its adaLN also embeds the resolution and aspect ratio."""
-    torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
-        sample_size=8,
-        num_layers=2,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=3,
-        caption_channels=32,
-        in_channels=4,
-        cross_attention_dim=24,
-        out_channels=8,
-        num_embeds_ada_norm=1000,
-        norm_type="ada_norm_single",
-        use_additional_conditions=True,
-    ).eval()
-    return Model("tiny pixart 1024-style", "pixart", transformer, DDIMScheduler())
-
-
-@pytest.mark.parametrize("which", ["tiny_dit", "tiny_pixart", "sizes"])
+@pytest.mark.parametrize("which", ["tiny_dit", "tiny_pixart", "tiny_pixart_with_sizes"])
 @torch.no_grad()
 def test_precomputed_blocks_equal_the_diffusers_forward_at_every_step(which, request):
-    model = _pixart_with_sizes() if which == "sizes" else request.getfixturevalue(which)
+    model = request.getfixturevalue(which)
+    sized = which == "tiny_pixart_with_sizes"
     transformer, rows, steps = model.transformer, 4, 3
     generator = torch.Generator().manual_seed(0)
     if model.family == "dit":
@@ -59,12 +39,12 @@ def test_precomputed_blocks_equal_the_diffusers_forward_at_every_step(which, req
         text = torch.randn(rows, 5, 32, generator=generator)
         kwargs = {"encoder_hidden_states": text, "encoder_attention_mask": mask}
         sizes = {"resolution": torch.tensor([[64.0, 48.0]] * rows), "aspect_ratio": torch.tensor([[4 / 3]] * rows)}
-        kwargs["added_cond_kwargs"] = sizes if which == "sizes" else {"resolution": None, "aspect_ratio": None}
+        kwargs["added_cond_kwargs"] = sizes if sized else {"resolution": None, "aspect_ratio": None}
     timesteps = torch.tensor([999, 500, 1])
     cond = Conditioning(kwargs, images=rows // 2, cfg=True, uncond_first=True, text_len=5, captions=[])
     planned = PlannedForward(model, none_plan(steps, len(model.branch_layout)), cond, timesteps, compiled=False)
     for k, t in enumerate(timesteps):
-        x = torch.randn(rows, 4, 8, 6 if which == "sizes" else 8, generator=generator)
+        x = torch.randn(rows, 4, 8, 6 if sized else 8, generator=generator)
         timestep = t[None].expand(rows)
         expected = transformer(x, timestep=timestep, return_dict=False, **kwargs)[0]
         torch.testing.assert_close(planned(x, timestep, k), expected, **TOLERANCE)
