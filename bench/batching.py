@@ -21,18 +21,26 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from chaos import ROUTER, Service
 from service_load import FINAL, call, cpu_model, percentile
+
+from harmonica_core.catalog import DEFAULT_EXECUTION_MODE as DEFAULT_MODE
+from harmonica_core.catalog import EXECUTION_MODES as MODES
+
+if TYPE_CHECKING:  # chaos needs the service's packages (redis), which --in-process does not
+    from chaos import Service
 
 CONFIGS = {"alone": {"HARMONICA_MAX_BATCH_ROWS": "0"}, "batched": {}}
 
 
 def phase(service: Service, rate: float, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
     """Offer `rate` jobs/s for the window; the jobs' records after at most `--drain` s more."""
+    from chaos import ROUTER
+
     body = {"class_labels": [0], "steps": 20, "acceleration": {"method": "harmonica", "router_id": ROUTER}}
     submitted: list[str] = []
     start = time.monotonic()
@@ -75,6 +83,8 @@ def phase(service: Service, rate: float, args: argparse.Namespace, rng: random.R
 
 
 def ramp(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from chaos import Service
+
     with tempfile.TemporaryDirectory(prefix=f"harmonica-batching-{name}-") as tmp:
         service = Service(Path(tmp), workers=1)
         service.env.update(CONFIGS[name])
@@ -98,28 +108,40 @@ def ramp(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             service.stop()
 
 
-def in_process(sizes: list[int], repeats: int = 3) -> int:
-    """One-image jobs per second that `generate_batch` makes at each batch size, with one torch thread as the
-    benchmark's worker has: the most batching can gain on this machine, before any service overhead."""
+def in_process(args: argparse.Namespace, sizes: list[int], repeats: int = 3) -> int:
+    """One-image jobs per second that `generate_batch` makes at each batch size (on CPU with one torch thread, as
+    the benchmark's worker has): the most batching can gain on the device, before any service overhead."""
     import torch
+    from speed import build_model, device_name, make_request, router_plan
 
-    from harmonica_core.cache.methods import make_plan
-    from harmonica_core.catalog import builtin_routers
-    from harmonica_core.models import load_model
-    from harmonica_core.router import load_router
-    from harmonica_core.sampling import GenerationRequest, generate_batch
+    from harmonica_core.execution import warm_up
+    from harmonica_core.sampling import generate_batch
 
-    torch.set_num_threads(1)
-    model = load_model("digits")
-    router, _ = load_router(builtin_routers()["ddim", 20], model.router_target("ddim", 20))
-    plan = make_plan("harmonica", 20, model.branch_layout, router)
-    print(f"digits, built-in router, T=20, one torch thread, {cpu_model()}, median of {repeats}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("CUDA is not available: GPU mode skipped")
+        return 0
+    if not args.device.startswith("cuda"):
+        torch.set_num_threads(1)
+    model = build_model(args.model, args.device)
+    plan_name, plan = router_plan(model, 20)
+    warm_up(model, args.mode, make_request(model, 1, 20))
+    device = device_name(args.device)
+    print(f"{model.name}, {plan_name}, T=20, {args.mode} mode, {device}, median of {repeats}")
+    rows = []
     for size in sizes:
-        requests = [GenerationRequest(class_labels=[i % 10], seed=i) for i in range(size)]
-        generate_batch(model, requests, plan)  # warm-up
-        runs = [generate_batch(model, requests, plan)[0].stats.total_seconds for _ in range(repeats)]
+        requests = [replace(make_request(model, 1, 20), seed=i) for i in range(size)]
+        generate_batch(model, requests, plan, mode=args.mode)  # warm-up
+        runs = [generate_batch(model, requests, plan, mode=args.mode)[0].stats.total_seconds for _ in range(repeats)]
         seconds = statistics.median(runs)
+        rows.append({"jobs": size, "seconds": seconds, "jobs_per_s": size / seconds})
         print(f"batch of {size:2d} one-image jobs: {seconds:.3f} s, {size / seconds:.2f} jobs/s")
+    command = "python " + " ".join(sys.argv)
+    result = {"command": command, "model": model.name, "plan": plan_name, "mode": args.mode, "device": device}
+    result |= {"torch": torch.__version__, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"batching_in_process_{args.model}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"command: {command}\nwrote {path}")
     return 0
 
 
@@ -154,9 +176,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--in-process", action="store_true", help="time generate_batch at batch sizes 1-16 instead")
+    parser.add_argument("--device", default="cpu", help="--in-process: cpu, or cuda for the random XL models")
+    parser.add_argument("--model", choices=["digits", "dit-xl", "pixart-xl"], default="digits", help="--in-process")
+    parser.add_argument("--mode", choices=list(MODES), default=DEFAULT_MODE, help="--in-process: execution mode")
     args = parser.parse_args()
     if args.in_process:
-        return in_process([1, 2, 4, 8, 16])
+        return in_process(args, [1, 2, 4, 8, 16])
     phases = [p for name in CONFIGS for p in ramp(name, args)]
     held = {
         name: max((p["rate"] for p in phases if p["config"] == name and p["held"]), default=0.0) for name in CONFIGS

@@ -9,10 +9,12 @@ measured matrix-product peak.
 CPU (default): the built-in digits model, batches 1, 4, 16, T = 20.
 GPU (--device cuda): a randomly initialised DiT-XL/2 at 256 px (--model dit-xl) or PixArt-XL/2 at 512 px
 (--model pixart-xl), fp16, batches 1 and 8; exits cleanly when CUDA is absent.
+Modes: all but `auto` (which picks one of them), and on CPU all but `graphs` (CUDA only).
 
     python bench/speed.py                                   # CPU: bench/results/speed_cpu_digits.{json,png}
     python bench/speed.py --device cuda --model dit-xl      # GPU
     python bench/speed.py --profile --mode compiled --batches 16   # where an all-reuse step's time goes
+    bash bench/gpu.sh                                       # every GPU check in one run (tests, both models)
 """
 
 from __future__ import annotations
@@ -125,12 +127,13 @@ def main(args: argparse.Namespace) -> int:
     cuda = args.device.startswith("cuda")
     name = args.model or ("dit-xl" if cuda else "digits")
     batches = args.batches or ([1, 8] if cuda else [1, 4, 16])
+    args.modes = args.modes or [mode for mode in MODES if mode != "auto" and (cuda or mode != "graphs")]
     model = build_model(name, args.device)
     n = len(model.branch_layout)
     plans = {"none": none_plan(args.steps, n)} | {f"fora n={k}": fora_plan(args.steps, n, k) for k in args.intervals}
     router_name, plans[router_name] = router_plan(model, args.steps)
 
-    compile_seconds = {mode: warm_up(model, mode) for mode in args.modes}
+    compile_seconds = {mode: warm_up(model, mode, make_request(model, 1, args.steps)) for mode in args.modes}
     if args.profile:
         return profile_reuse(model, make_request(model, max(batches), args.steps), args.modes[-1])
     keys = [(mode, batch, plan_name) for batch in batches for mode in args.modes for plan_name in plans]
@@ -266,7 +269,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model", choices=["digits", "dit-xl", "pixart-xl"], help="default: digits on CPU, dit-xl on CUDA"
     )
-    parser.add_argument("--mode", dest="modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument(
+        "--mode", dest="modes", nargs="+", choices=list(MODES), help="default: all but auto (on CPU also but graphs)"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument(
         "--batches", type=int, nargs="+", help="images per generation (default 1 4 16 on CPU, 1 8 on GPU)"

@@ -14,11 +14,14 @@ from typing import Any
 
 SCHEDULER_NAMES = ("ddim", "dpm-solver++")
 EXECUTION_MODES = {  # how a generation runs the transformer (`execution.py`); all give the same images
+    "auto": "the fastest measured on the device: graphs on CUDA, precomputed elsewhere",
     "eager": "diffusers' forward with cache hooks (the reference; router training uses it)",
     "precomputed": "step-only modulations computed before the loop; a reused branch skips its norm too",
     "compiled": "precomputed, with each block variant compiled by torch.compile (compiles once per process)",
+    "graphs": "compiled, each step pattern of a plan captured once per shape as a CUDA graph (CUDA only; "
+    "elsewhere it runs compiled)",
 }
-DEFAULT_EXECUTION_MODE = "precomputed"  # the fastest measured on CPU; see the README's speed section
+DEFAULT_EXECUTION_MODE = "auto"  # see the README's speed section for the measurements behind it
 OBJECTIVES = {
     "iepo": "SDT with the Image-Error-Proxy-Guided Objective: per-step loss weighted by lambda_k (HarmoniCa)",
     "ltc": "SDT with lambda_k = 1 (the paper's ablation)",

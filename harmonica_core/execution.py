@@ -7,6 +7,10 @@
 - `compiled`: `precomputed` with `block_forward` compiled by `torch.compile`: one graph per variant (which
   of a block's branches compute), shared by every block and, with dynamic shapes, every batch size and
   resolution. The compute/reuse choice stays plain Python from the plan, so there is no graph break.
+- `graphs` (CUDA): `compiled`, with each distinct step pattern of the plan captured once per shape as a CUDA
+  graph and replayed (`graphs.py`); without CUDA it runs `compiled`, saying so once.
+- `auto` (the default): the fastest measured on the device (README, "Speed"): `graphs` on CUDA, where the
+  step is bound by launching kernels, and `precomputed` on CPU, where compiling pays only at large batches.
 
 A static plan is what makes this possible: nothing in a step depends on a tensor's value.
 """
@@ -18,7 +22,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -28,11 +33,24 @@ from .cache.plan import CachePlan
 from .catalog import DEFAULT_EXECUTION_MODE as DEFAULT_MODE
 from .catalog import EXECUTION_MODES as MODES
 from .families import Conditioning, Family
+from .graphs import GraphedForward, capturable
 from .models import Model
+
+if TYPE_CHECKING:
+    from .sampling import GenerationRequest
 
 log = logging.getLogger("harmonica.execution")
 
-__all__ = ["DEFAULT_MODE", "MODES", "Forward", "PlannedForward", "transformer_forward", "variant_plan", "warm_up"]
+__all__ = [
+    "DEFAULT_MODE",
+    "MODES",
+    "Forward",
+    "PlannedForward",
+    "resolve_mode",
+    "transformer_forward",
+    "variant_plan",
+    "warm_up",
+]
 
 
 class Forward(Protocol):
@@ -119,18 +137,37 @@ class PlannedForward:
         return self.family.unpatchify(self.transformer, out, batch.shape[-2], batch.shape[-1])
 
 
+_said_no_graphs: list[torch.device] = []  # the fallback's one log line per process
+
+
+def resolve_mode(model: Model, mode: str) -> str:
+    """The mode a generation of `model` runs in when `mode` is asked for: `auto` by device, and the nearest that
+    works where the asked one cannot (no planned forward for the family: eager; no CUDA: compiled for graphs)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown execution mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "auto":
+        mode = "graphs" if capturable(model) else "precomputed"
+    if mode != "eager" and not model.spec.runs_blocks:
+        log.debug("the %s family has no planned forward: %s runs in eager mode", model.spec.name, model.name)
+        return "eager"
+    if mode == "graphs" and not capturable(model):
+        if not _said_no_graphs:
+            log.warning("CUDA graphs need a CUDA device; %s on %s runs in compiled mode", model.name, model.device)
+            _said_no_graphs.append(model.device)
+        return "compiled"
+    return mode
+
+
 @contextmanager
 def transformer_forward(
     model: Model, plan: CachePlan, cond: Conditioning, timesteps: torch.Tensor, mode: str = DEFAULT_MODE
 ) -> Iterator[Forward]:
-    """The forward of `mode` for one generation, with the plan attached for as long as the block runs."""
-    if mode not in MODES:
-        raise ValueError(f"unknown execution mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode != "eager" and not model.spec.runs_blocks:
-        log.debug("the %s family has no planned forward: %s runs in eager mode", model.spec.name, model.name)
-        mode = "eager"
+    """The forward of `mode` (resolved: `resolve_mode`) for one generation, with the plan attached for as long
+    as the block runs."""
+    mode = resolve_mode(model, mode)
     if mode != "eager":
-        yield PlannedForward(model, plan, cond, timesteps, compiled=mode == "compiled")
+        planned = PlannedForward(model, plan, cond, timesteps, compiled=mode != "precomputed")
+        yield GraphedForward(planned) if mode == "graphs" else planned
         return
     with branch_cache(model.transformer, CacheConfig(plan=plan)) as state:
         yield EagerForward(model, cond, state)
@@ -147,17 +184,19 @@ def variant_plan(steps_per_variant: int, layout: list[str]) -> CachePlan:
     return CachePlan.from_rows(rows)
 
 
-def warm_up(model: Model, mode: str) -> float:
-    """One small generation per specialization (a one-row and a two-row batch at the model's default size)
-    with a plan through every variant, so that no job pays for compiling; returns the seconds it took."""
+def warm_up(model: Model, mode: str, request: GenerationRequest | None = None) -> float:
+    """One small generation per specialization (a one-row and a two-row batch at the model's default size, or
+    `request`'s) with a plan through every variant, so that no job pays for compiling or capturing the
+    graphs of those shapes; returns the seconds it took."""
     from .sampling import GenerationRequest, generate  # sampling builds on this module
 
     start = time.perf_counter()
-    if mode == "compiled":
+    if resolve_mode(model, mode) in ("compiled", "graphs"):
         plan = variant_plan(1, model.branch_layout)
-        fields = model.spec.evaluation_conditions(model, 1, ("a photo of a cat",), None)
+        if request is None:
+            request = GenerationRequest(**model.spec.evaluation_conditions(model, 1, ("a photo of a cat",), None))
         for guidance in (1.0, 4.0):  # without and with classifier-free guidance: one row, two rows
-            generate(model, GenerationRequest(**fields, steps=plan.steps, guidance=guidance), plan, mode=mode)
+            generate(model, replace(request, steps=plan.steps, guidance=guidance), plan, mode=mode)
     seconds = time.perf_counter() - start
     log.info("warmed up %s for %s mode in %.1f s", model.name, mode, seconds)
     return seconds

@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .cache.methods import none_plan
 from .cache.plan import CachePlan
-from .execution import DEFAULT_MODE, Forward, transformer_forward
+from .execution import DEFAULT_MODE, Forward, resolve_mode, transformer_forward
 from .families import Conditioning
 from .models import Model
 from .validation import BATCH_FIELDS
@@ -101,6 +101,7 @@ class GenerationStats:
     theoretical_speedup: float
     step_seconds: list[float]
     total_seconds: float
+    mode: str  # the execution mode it ran in (`execution.resolve_mode`)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -111,6 +112,7 @@ class GenerationStats:
             "theoretical_speedup": self.theoretical_speedup,
             "latency_s": self.total_seconds,
             "step_seconds": self.step_seconds,
+            "execution_mode": self.mode,
         }
 
 
@@ -233,6 +235,7 @@ def generate_batch(
         raise ValueError(
             f"the plan is {plan.steps} steps x {plan.branches} branches but this run needs {request.steps} x {branches}"
         )
+    mode = resolve_mode(model, mode)
     cond = model.spec.conditioning(model, request)
     scheduler = model.make_scheduler(request.scheduler, request.steps)
     counts = [images_of(r) for r in requests]
@@ -271,6 +274,7 @@ def generate_batch(
         theoretical_speedup=speedup,
         step_seconds=step_seconds,
         total_seconds=total,
+        mode=mode,
     )
     bounds = list(itertools.accumulate(counts, initial=0))
     return [GenerationResult(images[a:b], stats, cond.captions[a:b]) for a, b in itertools.pairwise(bounds)]

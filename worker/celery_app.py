@@ -115,10 +115,12 @@ def _preload(**_: object) -> None:
     import torch
 
     from harmonica_core.execution import warm_up
+    from harmonica_core.graphs import GRAPHS
 
     from .runner import get_model
 
     telemetry.precreate(settings.model_names)
+    GRAPHS.limit_bytes = settings.graph_memory_mb * 2**20
     threads, mode = torch.get_num_threads(), settings.execution_mode
     log.info("pool process %d: %d torch threads, %s mode", os.getpid(), threads, mode)
     loaded = []

@@ -40,6 +40,12 @@ class SettingsBase(BaseSettings):
         DEFAULT_EXECUTION_MODE,
         description="how workers run the transformer: " + "; ".join(f"{k}: {v}" for k, v in EXECUTION_MODES.items()),
     )
+    graph_memory_mb: int = Field(
+        4096,
+        ge=0,
+        description="GPU memory the graphs mode's captured CUDA graphs and their buffers may hold per worker "
+        "process; past it the least recently used shape's graphs are dropped (and captured again when used)",
+    )
     max_batch_rows: int = Field(
         32,
         ge=0,

@@ -7,7 +7,6 @@ import io
 import pytest
 from PIL import Image
 
-from harmonica_core.catalog import DEFAULT_EXECUTION_MODE
 from tests.servicekit import Worker, finished, metric_value, poll_job, running_gateway
 
 LONG = {"class_labels": list(range(10)), "num_images": 6, "steps": 900}  # several seconds on a CPU
@@ -38,7 +37,7 @@ def test_generate_end_to_end_with_images_summary_and_cache_metrics(service):
     assert result["captions"] == ["3", "3", "7", "7"] and len(job["links"]["images"]) == 4
     assert 0.5 < result["cache_usage_rate"] < 0.6 and result["theoretical_speedup"] > 2.0
     assert result["computed_branches"] > 0 and result["reused_branches"] > 0
-    assert result["execution_mode"] == DEFAULT_EXECUTION_MODE  # the service runs in the default mode
+    assert result["execution_mode"] == "precomputed"  # the default, auto, on a CPU worker
     assert job["progress"] == {"step": 20, "total": 20} and job["deliveries"] == 1
     assert job["started_at"] >= job["created_at"] and job["finished_at"] >= job["started_at"]
     for link in job["links"]["images"]:

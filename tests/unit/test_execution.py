@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harmonica_core import execution
 from harmonica_core.cache.methods import fora_plan, make_plan, none_plan
 from harmonica_core.cache.plan import CachePlan
 from harmonica_core.catalog import builtin_routers
-from harmonica_core.execution import MODES, PlannedForward, variant_plan, warm_up
+from harmonica_core.execution import MODES, PlannedForward, resolve_mode, variant_plan, warm_up
 from harmonica_core.families import Conditioning
 from harmonica_core.models import Model
 from harmonica_core.router import load_router
@@ -116,4 +117,12 @@ def test_the_variant_plan_walks_every_branch_pattern():
 def test_an_unknown_mode_is_refused_with_the_choices(digits):
     with pytest.raises(ValueError, match="precomputed"):
         generate(digits, GenerationRequest(class_labels=[1], steps=2), mode="fast")
-    assert set(MODES) == {"eager", "precomputed", "compiled"}
+    assert set(MODES) == {"auto", "eager", "precomputed", "compiled", "graphs"}
+
+
+def test_auto_runs_the_fastest_measured_mode_of_the_device(digits, monkeypatch):
+    result = generate(digits, GenerationRequest(class_labels=[1], steps=2))
+    assert result.stats.mode == resolve_mode(digits, "auto") == "precomputed"  # on a CPU
+    assert result.stats.as_dict()["execution_mode"] == "precomputed"
+    monkeypatch.setattr(execution, "capturable", lambda model: True)
+    assert resolve_mode(digits, "auto") == "graphs"  # where CUDA graphs can be captured

@@ -83,7 +83,7 @@ def run_batch(jobs: list[Job], settings: Settings, reports: list[Report]) -> lis
             names = save_images(result.images, result.labels, req["num_images"], settings.job_dir(jobs[i].id))
             telemetry.record_generation(jobs[i].model, method, result.stats, len(names))
             summary = {"images": names, "grid": "grid.png", "captions": result.labels, "method": method}
-            outcomes[i] = summary | {"execution_mode": settings.execution_mode, **result.stats.as_dict()}
+            outcomes[i] = summary | result.stats.as_dict()
         except Exception as error:
             outcomes[i] = error
     return [outcomes[i] for i in range(len(jobs))]
