@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from importlib import import_module
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from prometheus_client import REGISTRY
 
 from .api import errors, telemetry
@@ -43,7 +44,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service.redis.close()
 
 
-app = FastAPI(
+app = FastAPIOffline(  # FastAPI whose /docs and /redoc load their scripts from this server, not a CDN
     title="HarmoniCa Serve",
     version="0.1.0",
     description="Diffusion Transformer image generation accelerated by learned feature caching (HarmoniCa), "

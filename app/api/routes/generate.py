@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import secrets
 from functools import partial
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Body, Response
 from pydantic import Field, create_model
 
 from app.contract.registry import RouterRegistry
@@ -93,12 +93,36 @@ def admit_generate(body: GenerateRequest, settings: Settings, registry: RouterRe
     return request
 
 
+EXAMPLES = {  # each is POSTed by tests/service/test_docs.py and must be accepted
+    "harmonica": {
+        "summary": "HarmoniCa: the built-in digits router",
+        "value": {
+            "model": "digits",
+            "class_labels": [3, 7],
+            "num_images": 2,
+            "steps": 20,
+            "seed": 0,
+            "acceleration": {"method": "harmonica", "router_id": "builtin-digits-iepo-ddim-t20"},
+        },
+    },
+    "fora": {
+        "summary": "FORA: every branch reused for 2 steps out of 3",
+        "value": {
+            "model": "digits",
+            "class_labels": [0, 1, 2],
+            "steps": 20,
+            "acceleration": {"method": "fora", "interval": 3},
+        },
+    },
+    "none": {"summary": "No cache: the reference images", "value": {"model": "digits", "class_labels": [5], "seed": 1}},
+}
+
 router = APIRouter(tags=["jobs"])
 
 
-@router.post("/generate", status_code=202, response_model=JobOut, responses=POST_RESPONSES)
+@router.post("/generate", status_code=202, response_model=JobOut, responses=POST_RESPONSES, summary="Generate images")
 def post_generate(
-    body: GenerateRequest,
+    body: Annotated[GenerateRequest, Body(openapi_examples=EXAMPLES)],
     service: ServiceDep,
     who: Owner,
     registry: Routers,

@@ -14,13 +14,13 @@ from ..errors import JOB_RESPONSES, problem
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", summary="Liveness")
 def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: JOB_RESPONSES[503]})
+@router.get("/readyz", responses={503: JOB_RESPONSES[503]}, summary="Readiness")
 def readyz(service: ServiceDep) -> Any:
     """Redis answers and at least one worker is alive with a model loaded (per its heartbeat)."""
     try:
@@ -35,7 +35,7 @@ def readyz(service: ServiceDep) -> Any:
     return {"status": "ready", "workers": workers}
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics")
 def prometheus_metrics() -> Response:
     """Prometheus exposition: job counters, queue depth, live workers (workers export the rest)."""
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -28,13 +28,13 @@ def find_job(service: Service, job_id: str, who: str) -> Job:
     return job
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_RESPONSES)
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_RESPONSES, summary="Get a job")
 def get_job(job_id: str, service: ServiceDep, who: Owner) -> JobOut:
     """A job's state, progress, result or error."""
     return JobOut.of(find_job(service, job_id, who))
 
 
-@router.get("/jobs", response_model=JobPage, responses=JOB_RESPONSES)
+@router.get("/jobs", response_model=JobPage, responses=JOB_RESPONSES, summary="List your jobs")
 def list_jobs(
     service: ServiceDep,
     who: Owner,
@@ -49,7 +49,9 @@ def list_jobs(
     return JobPage(jobs=[JobOut.of(job) for job in jobs], next=following)
 
 
-@router.delete("/jobs/{job_id}", status_code=202, response_model=JobOut, responses=JOB_RESPONSES)
+@router.delete(
+    "/jobs/{job_id}", status_code=202, response_model=JobOut, responses=JOB_RESPONSES, summary="Cancel a job"
+)
 def cancel_job(job_id: str, service: ServiceDep, who: Owner) -> JobOut:
     """Cancel: a queued job never runs; a running one stops at its next denoising step or router update."""
     job = find_job(service, job_id, who)
@@ -72,7 +74,9 @@ def artifact(service: Service, job: Job, name: str | None, what: str) -> FileRes
     return FileResponse(path, media_type="image/png", headers=headers)
 
 
-@router.get("/jobs/{job_id}/images/{n}", response_class=FileResponse, responses=PNG_RESPONSES)
+@router.get(
+    "/jobs/{job_id}/images/{n}", response_class=FileResponse, responses=PNG_RESPONSES, summary="Download an image"
+)
 def get_image(job_id: str, n: int, service: ServiceDep, who: Owner) -> FileResponse:
     """The n-th image (from 0) of a succeeded generation job, as PNG."""
     job = find_job(service, job_id, who)
@@ -80,7 +84,9 @@ def get_image(job_id: str, n: int, service: ServiceDep, who: Owner) -> FileRespo
     return artifact(service, job, images[n] if 0 <= n < len(images) else None, f"image {n}")
 
 
-@router.get("/jobs/{job_id}/grid", response_class=FileResponse, responses=PNG_RESPONSES)
+@router.get(
+    "/jobs/{job_id}/grid", response_class=FileResponse, responses=PNG_RESPONSES, summary="Download the image grid"
+)
 def get_grid(job_id: str, service: ServiceDep, who: Owner) -> FileResponse:
     """All images of a succeeded generation job on one labelled sheet (a column per label or prompt)."""
     job = find_job(service, job_id, who)

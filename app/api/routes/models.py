@@ -13,7 +13,7 @@ from ..schemas import ModelOut
 router = APIRouter(tags=["routers"])
 
 
-@router.get("/models", response_model=list[ModelOut], responses=JOB_RESPONSES)
+@router.get("/models", response_model=list[ModelOut], responses=JOB_RESPONSES, summary="List the served models")
 def list_models(service: ServiceDep, registry: Routers) -> list[ModelOut]:
     """Models this service runs, with the routers you may use for each."""
     usable = registry.all()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Body, Response
 from pydantic import Field, create_model
 
 from app.contract.settings import Settings
@@ -47,12 +47,33 @@ def admit_training(body: TrainRouterRequest, settings: Settings) -> dict[str, An
     return validate_training(body.model_dump(), Limits.of(settings))
 
 
+EXAMPLES = {  # each is POSTed by tests/service/test_docs.py and must be accepted
+    "digits": {
+        "summary": "A HarmoniCa router for digits, DDIM, 10 steps",
+        "value": {
+            "model": "digits",
+            "scheduler": "ddim",
+            "steps": 10,
+            "iterations": 200,
+            "lr": 0.1,
+            "lambda_every": 50,
+            "name": "my-digits-router",
+        },
+    },
+    "ltc": {
+        "summary": "The LTC ablation (no image-error weighting)",
+        "value": {"model": "digits", "objective": "ltc", "steps": 20, "iterations": 200, "lr": 0.1},
+    },
+}
+
 router = APIRouter(tags=["jobs"])
 
 
-@router.post("/train-router", status_code=202, response_model=JobOut, responses=POST_RESPONSES)
+@router.post(
+    "/train-router", status_code=202, response_model=JobOut, responses=POST_RESPONSES, summary="Train a router"
+)
 def post_train_router(
-    body: TrainRouterRequest,
+    body: Annotated[TrainRouterRequest, Body(openapi_examples=EXAMPLES)],
     service: ServiceDep,
     who: Owner,
     response: Response,
