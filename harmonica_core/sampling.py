@@ -24,7 +24,28 @@ from .families import Conditioning
 from .models import Model
 from .validation import BATCH_FIELDS
 
-StepCallback = Callable[[int, int], None]  # (steps done, total); raise GenerationCancelled to stop
+
+@dataclass
+class StepReport:
+    """One finished denoising step, as a progress callback sees it."""
+
+    step: int  # steps done
+    total: int
+    seconds: float  # host time of the step (no device sync: on a GPU, when it was queued)
+    computed: int  # branches this step computed ...
+    reused: int  # ... and reused
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "total": self.total,
+            "step_seconds": self.seconds,
+            "computed_branches": self.computed,
+            "reused_branches": self.reused,
+        }
+
+
+StepCallback = Callable[[StepReport], None]  # raise GenerationCancelled to stop
 
 
 class GenerationCancelled(RuntimeError):
@@ -250,6 +271,7 @@ def generate_batch(
     sync()
     start = last = time.perf_counter()  # precomputing the modulations is part of the generation's time
     with transformer_forward(model, plan, cond, scheduler.timesteps, mode) as forward:
+        counted = (0, 0)
         for k, t in enumerate(scheduler.timesteps):
             eps = predict_noise(model, scheduler, latents, t, cond, request.guidance, (forward, k))
             latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
@@ -257,7 +279,9 @@ def generate_batch(
             step_seconds.append(now - last)
             last = now
             if on_step is not None:
-                on_step(k + 1, request.steps)
+                computed, reused = forward.computed - counted[0], forward.reused - counted[1]
+                on_step(StepReport(k + 1, request.steps, step_seconds[-1], computed, reused))
+            counted = (forward.computed, forward.reused)
         images = decode(model, latents).float().cpu()
         sync()
         total = time.perf_counter() - start

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from .runner import Outcome, Report, Runner
 
 log = logging.getLogger("harmonica.worker")
-PROGRESS_INTERVAL = 0.2  # seconds between progress writes; cancellation is checked at every step
 T = TypeVar("T")
 
 
@@ -115,27 +114,26 @@ class Lease:
 
 
 def reporter(store: JobStore, job: Job, lease: Lease, cancel_error: type[Exception]) -> Report:
-    """Progress callback: checks the cancel flag and the lease each call, writes progress at most every 0.2 s.
+    """Progress callback: checks the cancel flag and the lease each call, and writes the progress (the record's
+    and one event in the job's log: `JobStore.report_progress`).
 
     Progress never goes backwards: a redelivered job replays from its start or its last checkpoint,
     and its record keeps the furthest step or iteration reached until the rerun passes it. While
     Redis is unreachable the job runs on unreported (and cannot be canceled).
     """
-    last = 0.0
     furthest = job.progress.get("step", job.progress.get("iteration", 0))
 
     def report(progress: dict[str, Any]) -> None:
-        nonlocal last, furthest
+        nonlocal furthest
         if lease.lost:
             raise LeaseLost(job.id)
         try:
             if store.cancel_requested(job.id):
                 raise cancel_error(f"job {job.id} canceled")
-            at = time.monotonic()
             done = progress.get("step", progress.get("iteration"))
-            if done > furthest and (done == progress["total"] or at - last >= PROGRESS_INTERVAL):
-                store.update(job.id, progress=progress)
-                last, furthest = at, done
+            if done > furthest:
+                store.report_progress(job.id, progress)
+                furthest = done
         except redis.RedisError as error:
             log.warning("job %s: progress not written (%s)", job.id, error)
 

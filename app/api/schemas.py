@@ -45,7 +45,8 @@ class JobOut(BaseModel):
     finished_at: float | None = None
     request: dict[str, Any] = Field(description="the accepted request, with defaults filled in")
     progress: dict[str, Any] = Field(
-        description="generate: step, total; train_router: iteration, total, loss, cache_usage_rate"
+        description="the latest report. generate: step, total, step_seconds, computed_branches and "
+        "reused_branches of that step; train_router: iteration, total, loss, cache_usage_rate"
     )
     result: dict[str, Any] | None = Field(
         None, description="generate: images, cache_usage_rate, theoretical_speedup, computed/reused branches, "

@@ -23,6 +23,7 @@ from . import telemetry
 from .deps import Service
 from .errors import ApiError
 from .schemas import JobOut
+from .waiting import wait_for
 
 log = logging.getLogger("harmonica.gateway")
 
@@ -52,10 +53,12 @@ def submit(
     idempotency_key: str | None,
     response: Response,
     batch: Callable[[dict[str, Any]], tuple[str, int]] | None = None,
+    prefer: str | None = None,
 ) -> JobOut:
     """Admit the body (`admit` returns the normalized request or raises `InvalidRequest`), bind the idempotency key,
     then create and enqueue the job; a replay of a bound key returns the bound job. `batch` gives the (key, rows)
-    of a kind whose jobs may share a batch (`JobStore.claim_batch`)."""
+    of a kind whose jobs may share a batch (`JobStore.claim_batch`). `prefer`: the Prefer header, whose
+    `wait=N` holds the answer until the job ends (then 200) or N seconds pass (202)."""
     try:
         request = admit()
     except InvalidRequest as error:
@@ -78,14 +81,14 @@ def submit(
             if existing is None:
                 detail = "the first request with this key is still being accepted; retry shortly"
                 raise ApiError(409, "Request in progress", detail, {"Retry-After": "1"})
-            return accepted(existing, response)
+            return accepted(service, existing, response, prefer)
     try:
         admit_and_enqueue(service, job)
     except ApiError:
         if bound_key is not None:  # refused or not enqueued: a retry with the same key must be able to succeed
             service.store.release_idempotency_key(who, bound_key)
         raise
-    return accepted(job, response)
+    return accepted(service, job, response, prefer)
 
 
 def admit_and_enqueue(service: Service, job: Job) -> None:
@@ -109,8 +112,12 @@ def admit_and_enqueue(service: Service, job: Job) -> None:
     log.info("job %s accepted", job.id, extra=extra)
 
 
-def accepted(job: Job, response: Response) -> JobOut:
-    response.status_code = 202
+def accepted(service: Service, job: Job, response: Response, prefer: str | None) -> JobOut:
     response.headers["Location"] = f"/jobs/{job.id}"
-    response.headers["Retry-After"] = "1"
+    job = wait_for(service, job, prefer, response)
+    if job.final and "Preference-Applied" in response.headers:
+        response.status_code = 200
+    else:
+        response.status_code = 202
+        response.headers["Retry-After"] = "1"
     return JobOut.of(job)

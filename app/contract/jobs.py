@@ -19,6 +19,7 @@ import redis
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("succeeded", "failed", "canceled")
 JSON_FIELDS = ("request", "progress", "result", "error")
+EVENT_WAIT_MS = 2000  # the longest one read of a job's event log blocks: well under the clients' socket timeout
 
 # Every script below keeps four indexes in step with the record, in the same atomic call:
 #   {prefix}active:{owner}  queued or running jobs of one owner (the per-key limit)
@@ -27,6 +28,20 @@ JSON_FIELDS = ("request", "progress", "result", "error")
 #   {prefix}jobs:{owner}    the owner's jobs by creation time (listing)
 #   {prefix}batch:{key}     queued jobs that may share a denoising batch, by creation time (a job with a
 #                           `batch_key`: equal keys mean equal model, sampler, steps, guidance, size and plan)
+# and append to the job's event log, {prefix}job:{id}:events: a Redis stream of every state it entered and
+# every progress report, whose entry ids are the Server-Sent Events ids of GET /jobs/{id}/events (so a
+# client resumes after the last one it saw). It expires with the record.
+
+# Appends one event (JSON) to a job's log; a final state gives the log the record's TTL.
+_EVENTS = """
+local function emit(key, event, ttl)
+  redis.call('XADD', key .. ':events', 'MAXLEN', '~', 10000, '*', 'event', event)
+  if ttl and tonumber(ttl) > 0 then redis.call('EXPIRE', key .. ':events', ttl) end
+end
+local function state_event(status)
+  return '{"type": "state", "status": "' .. status .. '"}'
+end
+"""
 
 # Where a job waits to share a batch: maintained with the queued set by every script that moves a job.
 _BATCH_INDEX = """
@@ -46,6 +61,7 @@ end
 # ARGV[6..] fields. Checks both limits and creates the job in one step, so no burst gets past a limit.
 _ADMIT = (
     _BATCH_INDEX
+    + _EVENTS
     + """
 if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 'key_busy' end
 if redis.call('SCARD', KEYS[5]) >= tonumber(ARGV[2]) then return 'queue_full' end
@@ -55,16 +71,18 @@ redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[3])
 redis.call('SADD', KEYS[5], ARGV[3])
 batch_index(ARGV[5], KEYS[1], ARGV[3], true)
+emit(KEYS[1], state_event('queued'))
 return 'ok'
 """
 )
 
 # KEYS[1] job hash; ARGV[1] allowed current states (comma-separated), ARGV[2] new state,
 # ARGV[3] TTL in seconds once final (0: not final), ARGV[4] key prefix, ARGV[5] '1' if the job's lease
-# must be absent (the reconciler's requeue: never take a job from a live holder), ARGV[6..] field/value
-# pairs. Returns the state found.
+# must be absent (the reconciler's requeue: never take a job from a live holder), ARGV[6] the event to log
+# (JSON; '': the new state's, if it is new), ARGV[7..] field/value pairs. Returns the state found.
 _TRANSITION = (
     _BATCH_INDEX
+    + _EVENTS
     + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return false end
@@ -72,13 +90,18 @@ if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1] .. ':lease') == 1 then return
 for state in string.gmatch(ARGV[1], '[^,]+') do
   if state == current then
     local id, kind = redis.call('HGET', KEYS[1], 'id'), redis.call('HGET', KEYS[1], 'kind')
-    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 6))
+    redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 7))
     if ARGV[2] == 'queued' then
       redis.call('SADD', ARGV[4] .. 'queued:' .. kind, id)
     else
       redis.call('SREM', ARGV[4] .. 'queued:' .. kind, id)
     end
     batch_index(ARGV[4], KEYS[1], id, ARGV[2] == 'queued')
+    if ARGV[6] ~= '' then
+      emit(KEYS[1], ARGV[6], ARGV[3])
+    elseif ARGV[2] ~= current then
+      emit(KEYS[1], state_event(ARGV[2]), ARGV[3])
+    end
     if tonumber(ARGV[3]) > 0 then
       redis.call('EXPIRE', KEYS[1], ARGV[3])
       redis.call('SREM', ARGV[4] .. 'active:' .. redis.call('HGET', KEYS[1], 'owner'), id)
@@ -104,6 +127,7 @@ return 0
 # rows left, as one more delivery of each: leased to the caller, running, out of the queued indexes.
 _CLAIM = (
     _BATCH_INDEX
+    + _EVENTS
     + """
 local claimed, left = {}, tonumber(ARGV[1])
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
@@ -122,6 +146,7 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
       redis.call('HINCRBY', key, 'deliveries', 1)
       redis.call('SREM', ARGV[2] .. 'queued:' .. redis.call('HGET', key, 'kind'), id)
       batch_index(ARGV[2], key, id, false)
+      emit(key, state_event('running'))
       table.insert(claimed, id)
     end
   end
@@ -282,13 +307,32 @@ class JobStore:
         ttl = self.ttl if status in FINAL_STATES else 0
         if status in FINAL_STATES:
             fields.setdefault("finished_at", now())
-        args = [",".join(allowed), status, ttl, self.prefix, "1" if unleased else "0", *_flatten(fields)]
+        args = [",".join(allowed), status, ttl, self.prefix, "1" if unleased else "0", "", *_flatten(fields)]
         found = self._transition(keys=[self._key(job_id)], args=args)
         return found.decode() if found else None
 
-    def update(self, job_id: str, **fields: Any) -> None:
-        """Set fields of a job that is not final (progress); a no-op once it is."""
-        self._transition(keys=[self._key(job_id)], args=["running", "running", 0, self.prefix, "0", *_flatten(fields)])
+    def report_progress(self, job_id: str, progress: dict[str, Any]) -> None:
+        """Set a running job's progress and log it as an event; a no-op once the job is final."""
+        event = json.dumps({"type": "progress", **progress})
+        args = ["running", "running", 0, self.prefix, "0", event, *_flatten({"progress": progress})]
+        self._transition(keys=[self._key(job_id)], args=args)
+
+    def wait_final(self, job_id: str, seconds: float) -> Job | None:
+        """The job once it is final, or as it is after `seconds`; woken by its event log, not by polling."""
+        deadline, after = time.monotonic() + seconds, "0"
+        while True:
+            job = self.get(job_id)
+            left = deadline - time.monotonic()
+            if job is None or job.final or left <= 0:
+                return job
+            events = self.events(job_id, after, block_ms=max(1, min(int(left * 1000), EVENT_WAIT_MS)))
+            after = events[-1][0] if events else after
+
+    def events(self, job_id: str, after: str = "0", block_ms: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """The job's events after event id `after` ("0": from the first), oldest first, as (id, event); with
+        `block_ms`, waits that long for one when there is none yet."""
+        found = self.redis.xread({f"{self._key(job_id)}:events": after}, count=500, block=block_ms)
+        return [(raw.decode(), json.loads(fields[b"event"])) for raw, fields in (found[0][1] if found else [])]
 
     def request_cancel(self, job_id: str) -> str | None:
         """Cancel a queued job at once; flag a running one (its worker stops at the next step). Returns the state."""

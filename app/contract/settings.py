@@ -93,6 +93,9 @@ class SettingsBase(BaseSettings):
     worker_metrics_host: str = Field(
         "127.0.0.1", description="address of the workers' metrics endpoints (0.0.0.0 where Prometheus is remote)"
     )
+    max_wait_seconds: float = Field(
+        60, ge=0, description="the longest a request's `Prefer: wait=N` holds its answer for the job to end"
+    )
     job_ttl_seconds: int = Field(7 * 24 * 3600, ge=60, description="how long finished job records are kept")
     worker_heartbeat_seconds: float = Field(5, gt=0)
     key_prefix: str = Field("harmonica:", description="prefix of every Redis key the service writes")

@@ -22,7 +22,7 @@ def test_a_final_state_is_never_overwritten(store):
     assert store.transition(job.id, ("queued",), "running", started_at=now()) == "queued"
     assert store.transition(job.id, ("queued", "running"), "succeeded", result={"images": ["000.png"]}) == "running"
     assert store.transition(job.id, ("queued", "running"), "failed", error={"code": "x"}) == "succeeded"
-    store.update(job.id, progress={"step": 1})  # progress after the end: ignored
+    store.report_progress(job.id, {"step": 1})  # progress after the end: ignored
     record = store.get(job.id)
     assert record.status == "succeeded" and record.error is None and record.progress == {}
     assert record.result == {"images": ["000.png"]} and record.finished_at is not None

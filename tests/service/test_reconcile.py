@@ -106,7 +106,7 @@ def test_progress_never_goes_backwards_on_a_redelivered_job(store):
 
     job = queued_job(store, kind="train_router")
     store.transition(job.id, ("queued",), "running")
-    store.update(job.id, progress={"iteration": 12, "total": 40})
+    store.report_progress(job.id, {"iteration": 12, "total": 40})
     job = store.get(job.id)  # as a redelivery reads it
     report = reporter(store, job, Lease(store, job.id, LEASE), RuntimeError)
     for iteration in (10, 11, 12):  # replayed from the checkpoint: the record holds at 12

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from PIL import Image
@@ -38,7 +39,7 @@ def test_generate_end_to_end_with_images_summary_and_cache_metrics(service):
     assert 0.5 < result["cache_usage_rate"] < 0.6 and result["theoretical_speedup"] > 2.0
     assert result["computed_branches"] > 0 and result["reused_branches"] > 0
     assert result["execution_mode"] == "precomputed"  # the default, auto, on a CPU worker
-    assert job["progress"] == {"step": 20, "total": 20} and job["deliveries"] == 1
+    assert (job["progress"]["step"], job["progress"]["total"]) == (20, 20) and job["deliveries"] == 1
     assert job["started_at"] >= job["created_at"] and job["finished_at"] >= job["started_at"]
     for link in job["links"]["images"]:
         png = client.get(link)
@@ -115,6 +116,66 @@ def test_cancel_a_running_training_between_router_updates(service):
     stopped = poll_job(client, job_id, finished)
     assert stopped["status"] == "canceled" and stopped["progress"]["iteration"] < 5000
     assert stopped["result"] is None
+
+
+def read_events(client, job_id: str, last_event_id: str | None = None) -> list[dict]:
+    """The job's Server-Sent Events until the stream ends, as {id, event, data} with the data decoded."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+    events, event = [], {}
+    with client.stream("GET", f"/jobs/{job_id}/events", headers=headers) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if not line:
+                if "data" in event:
+                    events.append(event | {"data": json.loads(event["data"])})
+                event = {}
+            elif not line.startswith(":"):  # not a ping
+                name, _, value = line.partition(": ")
+                event[name] = value
+    return events
+
+
+def test_events_follow_a_real_job_to_its_end_and_resume_after_any_event(service):
+    client, _ = service
+    fora = {"method": "fora", "interval": 2}
+    job_id = client.post("/generate", json={"class_labels": [4], "steps": 12, "acceleration": fora}).json()["id"]
+    events = read_events(client, job_id)
+    states = [e["data"]["status"] for e in events if e["event"] == "state"]
+    assert states == ["queued", "running", "succeeded"]
+    steps = [e["data"] for e in events if e["event"] == "progress"]
+    assert [s["step"] for s in steps] == list(range(1, 13)) and all(s["total"] == 12 for s in steps)
+    branches = steps[0]["computed_branches"]
+    assert branches > 0 and steps[0]["reused_branches"] == 0  # FORA: every branch computes at the first step
+    assert [s["computed_branches"] + s["reused_branches"] for s in steps] == [branches] * 12
+    assert [s["reused_branches"] for s in steps] == [0, branches] * 6  # and is reused at every other step
+    assert all(s["step_seconds"] > 0 for s in steps)
+    final = events[-1]["data"]
+    assert (
+        final["id"] == job_id and final["status"] == "succeeded" and final["result"]["reused_branches"] == 6 * branches
+    )
+    ids = [e["id"] for e in events]
+    assert len(set(ids)) == len(ids)
+    for k in (0, 5, len(events) - 2):  # a reconnect after any event gets exactly the rest
+        assert read_events(client, job_id, ids[k]) == events[k + 1 :]
+    bad = client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": "yesterday"})
+    assert bad.status_code == 400 and "event id" in bad.json()["detail"]
+    assert client.get(f"/jobs/{'0' * 32}/events").status_code == 404
+
+
+def test_prefer_wait_answers_with_the_finished_job_or_as_usual(service):
+    client, _ = service
+    short = client.post("/generate", json={"class_labels": [1], "steps": 4}, headers={"Prefer": "wait=120"})
+    assert short.status_code == 200 and short.headers["preference-applied"] == "wait=60"  # the setting's bound
+    assert short.json()["status"] == "succeeded" and short.json()["result"]["images"]
+    long = client.post("/generate", json=LONG, headers={"Prefer": "respond-async, wait=1"})
+    assert long.status_code == 202 and long.json()["status"] in ("queued", "running")
+    assert long.headers["preference-applied"] == "wait=1" and long.headers["location"] == f"/jobs/{long.json()['id']}"
+    client.delete(f"/jobs/{long.json()['id']}")
+    ended = client.get(f"/jobs/{long.json()['id']}", headers={"Prefer": "wait=60"})
+    assert ended.status_code == 200 and ended.json()["status"] == "canceled"
+    plain = client.post("/generate", json={"class_labels": [1], "steps": 4})
+    assert plain.status_code == 202 and "preference-applied" not in plain.headers
+    assert poll_job(client, plain.json()["id"], finished)["status"] == "succeeded"
 
 
 def test_readiness_health_and_listing(service):

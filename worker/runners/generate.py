@@ -15,7 +15,7 @@ from app.contract.settings import Settings
 from harmonica_core.cache.methods import NEEDS_ROUTER, plan_from_request
 from harmonica_core.images import save_images
 from harmonica_core.router import load_router
-from harmonica_core.sampling import GenerationCancelled, GenerationRequest, generate_batch
+from harmonica_core.sampling import GenerationCancelled, GenerationRequest, StepReport, generate_batch
 from harmonica_core.validation import Limits, RouterInfo, validate_generation
 
 from .. import telemetry
@@ -58,10 +58,10 @@ def run_batch(jobs: list[Job], settings: Settings, reports: list[Report]) -> lis
             router, _ = load_router(entry.path, model.router_target(first["scheduler"], first["steps"]))
         plan = plan_from_request(first["acceleration"], first["steps"], model.branch_layout, router)
 
-        def on_step(done: int, total: int) -> None:
+        def on_step(step: StepReport) -> None:
             for i in sorted(live):
                 try:
-                    reports[i]({"step": done, "total": total})
+                    reports[i](step.as_dict())
                 except Exception as error:  # canceled or lease lost: out of the batch, its rows discarded
                     outcomes[i] = error
                     live.discard(i)

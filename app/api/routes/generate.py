@@ -21,6 +21,7 @@ from ..deps import Owner, Routers, ServiceDep
 from ..errors import POST_RESPONSES
 from ..schemas import JobOut, Strict
 from ..submit import IdempotencyKey, check_served, submit
+from ..waiting import WAITED, Prefer
 
 Scheduler = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
@@ -120,7 +121,13 @@ EXAMPLES = {  # each is POSTed by tests/service/test_docs.py and must be accepte
 router = APIRouter(tags=["jobs"])
 
 
-@router.post("/generate", status_code=202, response_model=JobOut, responses=POST_RESPONSES, summary="Generate images")
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=JobOut,
+    responses={**POST_RESPONSES, **WAITED},
+    summary="Generate images",
+)
 def post_generate(
     body: Annotated[GenerateRequest, Body(openapi_examples=EXAMPLES)],
     service: ServiceDep,
@@ -128,7 +135,8 @@ def post_generate(
     registry: Routers,
     response: Response,
     idempotency_key: IdempotencyKey = None,
+    prefer: Prefer = None,
 ) -> JobOut:
     """Generate images; poll the returned job (Location header) until it succeeds, then fetch its images."""
     admit = partial(admit_generate, body, service.settings, registry)
-    return submit(service, "generate", who, body, admit, idempotency_key, response, batch_signature)
+    return submit(service, "generate", who, body, admit, idempotency_key, response, batch_signature, prefer)

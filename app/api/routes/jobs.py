@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+import anyio
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.contract.jobs import FINAL_STATES, Job
+from app.contract.jobs import EVENT_WAIT_MS, FINAL_STATES, Job
 
 from .. import telemetry
 from ..deps import Owner, Service, ServiceDep
 from ..errors import JOB_RESPONSES, ApiError
 from ..schemas import JobOut, JobPage
+from ..waiting import Prefer, wait_for
 
 router = APIRouter(tags=["jobs"])
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # new_job_id(): uuid4 hex; anything else is no job, without asking Redis
 PNG_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}}, **JOB_RESPONSES}
+EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis stream entry id
+SSE_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}, **JOB_RESPONSES}
 
 
 def find_job(service: Service, job_id: str, who: str) -> Job:
@@ -29,9 +37,46 @@ def find_job(service: Service, job_id: str, who: str) -> Job:
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=JOB_RESPONSES, summary="Get a job")
-def get_job(job_id: str, service: ServiceDep, who: Owner) -> JobOut:
-    """A job's state, progress, result or error."""
-    return JobOut.of(find_job(service, job_id, who))
+def get_job(job_id: str, service: ServiceDep, who: Owner, response: Response, prefer: Prefer = None) -> JobOut:
+    """A job's state, progress, result or error; with `Prefer: wait=N`, once it ends or after N seconds."""
+    return JobOut.of(wait_for(service, find_job(service, job_id, who), prefer, response))
+
+
+@router.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses=SSE_RESPONSES, summary="Watch a job")
+async def job_events(
+    job_id: str,
+    service: ServiceDep,
+    who: Owner,
+    last_event_id: Annotated[
+        str | None, Header(description="resume after this event id (what an EventSource sends on reconnect)")
+    ] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events of the job as it runs: `state` events (queued, running, ...), a `progress` event per
+    denoising step (its time and the branches it computed and reused) or router update, and a last `state`
+    event whose data is the finished job, after which the stream ends. Each event has an id: reconnecting
+    with `Last-Event-ID` resumes after it without loss."""
+    job = find_job(service, job_id, who)
+    if last_event_id is not None and not EVENT_ID.fullmatch(last_event_id):
+        raise ApiError(400, "Bad Last-Event-ID", f"{last_event_id!r} is not an event id of this stream")
+    return EventSourceResponse(_events(service, job, last_event_id or "0"), ping=15)
+
+
+async def _events(service: Service, job: Job, after: str) -> AsyncIterator[ServerSentEvent]:
+    store = service.store
+    while True:
+        events = await anyio.to_thread.run_sync(partial(store.events, job.id, after, block_ms=EVENT_WAIT_MS))
+        for event_id, event in events:
+            after, kind = event_id, event.pop("type")
+            final = kind == "state" and event["status"] in FINAL_STATES
+            if final:
+                event = JobOut.of(store.get(job.id) or job).model_dump(mode="json")
+            yield ServerSentEvent(json.dumps(event), event=kind, id=event_id)
+            if final:
+                return
+        if not events and after == "0" and (record := store.get(job.id)) is not None and record.final:
+            # a job whose log has not been kept (older than the log): its record is its last event
+            yield ServerSentEvent(JobOut.of(record).model_dump_json(), event="state", id="0-1")
+            return
 
 
 @router.get("/jobs", response_model=JobPage, responses=JOB_RESPONSES, summary="List your jobs")

@@ -17,6 +17,7 @@ from ..deps import Owner, ServiceDep
 from ..errors import POST_RESPONSES
 from ..schemas import JobOut, Strict
 from ..submit import IdempotencyKey, check_served, submit
+from ..waiting import WAITED, Prefer
 
 
 def _train_request() -> type[Strict]:
@@ -70,7 +71,11 @@ router = APIRouter(tags=["jobs"])
 
 
 @router.post(
-    "/train-router", status_code=202, response_model=JobOut, responses=POST_RESPONSES, summary="Train a router"
+    "/train-router",
+    status_code=202,
+    response_model=JobOut,
+    responses={**POST_RESPONSES, **WAITED},
+    summary="Train a router",
 )
 def post_train_router(
     body: Annotated[TrainRouterRequest, Body(openapi_examples=EXAMPLES)],
@@ -78,7 +83,8 @@ def post_train_router(
     who: Owner,
     response: Response,
     idempotency_key: IdempotencyKey = None,
+    prefer: Prefer = None,
 ) -> JobOut:
     """Train a router for a model, scheduler and step count; the finished job names the new router id."""
     admit = partial(admit_training, body, service.settings)
-    return submit(service, "train_router", who, body, admit, idempotency_key, response)
+    return submit(service, "train_router", who, body, admit, idempotency_key, response, prefer=prefer)
