@@ -181,7 +181,7 @@ def run_train_router(args: argparse.Namespace) -> dict:
 
     from .models import load_model
     from .train_config import TrainConfig
-    from .training import train_and_save
+    from .training import TrainProgress, train_and_save
 
     req = validate_training(training_request(args), Limits.from_env(), data=args.data is not None)
     config = TrainConfig(**{name: req[name] for name in TrainConfig.__dataclass_fields__ if name in req})
@@ -190,9 +190,12 @@ def run_train_router(args: argparse.Namespace) -> dict:
     data = load_train_data(args, model)
     with tqdm(total=config.iterations, desc=f"router ({config.objective})", unit="update") as bar:
 
-        def progress(p) -> None:
+        def progress(p: TrainProgress) -> None:
             bar.update(p.iteration - bar.n)
-            bar.set_postfix(loss=f"{p.loss:.3g}", cur=f"{p.cache_usage_rate:.1%}")
+            if p.phase == "lambdas":  # full sampling passes: the bar waits, and says why
+                bar.set_postfix_str(f"estimating lambdas: pass {p.lambda_pass}/{p.lambda_passes}")
+            else:
+                bar.set_postfix(loss=f"{p.loss:.3g}", cur=f"{p.cache_usage_rate:.1%}")
 
         return train_and_save(model, config, args.out, data, args.eval_samples, progress, args.checkpoint)
 

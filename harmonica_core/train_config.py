@@ -36,16 +36,14 @@ class TrainConfig:
     )
     steps: int = field(default=20, metadata=_help("sampling steps T the router is for (it only runs at this T)"))
     scheduler: str = field(default="ddim", metadata=_help("sampler the router is for", SCHEDULER_NAMES))
-    iterations: int = field(default=1000, metadata=_help("router updates"))
+    iterations: int = field(default=380, metadata=_help("router updates"))
     batch_size: int = field(default=8, metadata=_help("samples per training trajectory"))
-    lr: float = field(default=0.01, metadata=_help("Adam learning rate"))
-    beta: float = field(default=7e-8, metadata=_help("weight of the reuse pressure; higher = more cache use"))
+    lr: float = field(default=0.1, metadata=_help("Adam learning rate"))
+    beta: float = field(default=1e-6, metadata=_help("weight of the reuse pressure; higher = more cache use"))
     tau: float = field(
         default=DEFAULT_THRESHOLD, metadata=_help("cache-update threshold in training and the default at inference")
     )
-    lambda_every: int = field(
-        default=100, metadata=_help("iepo: router updates between refreshes of the proxy weights")
-    )
+    lambda_every: int = field(default=95, metadata=_help("iepo: router updates between refreshes of the proxy weights"))
     lambda_mode: str = field(
         default="cumulative", metadata=_help("iepo: how the proxy weights are measured", LAMBDA_MODES)
     )

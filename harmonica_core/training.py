@@ -53,11 +53,24 @@ class TrainData:
 
 @dataclass
 class TrainProgress:
+    """Where a training run is: `phase` "updates" after each router update; "lambdas" after each of the
+    `lambda_passes` full sampling passes that estimate the IEPO weights before the first update and at every
+    refresh, when no update happens for a while (`loss` is then that of the last update, None before one)."""
+
     iteration: int
     total: int
-    loss: float
+    loss: float | None
     cache_usage_rate: float  # at the training threshold tau
     lambdas: list[float] = field(default_factory=list)
+    phase: str = "updates"
+    lambda_pass: int = 0
+    lambda_passes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The job progress record (JSON): the lambda-pass fields only in that phase."""
+        keys = ["phase", "iteration", "total", "loss", "cache_usage_rate"]
+        keys += ["lambda_pass", "lambda_passes"] if self.phase == "lambdas" else []
+        return {key: getattr(self, key) for key in keys}
 
 
 ProgressCallback = Callable[[TrainProgress], None]
@@ -94,6 +107,7 @@ class _Run:
     on_progress: ProgressCallback | None
     lambdas: list[float]
     next_refresh: int = 0
+    loss: float | None = None  # of the last update
 
     @cached_property
     def latent(self) -> tuple[int, int, int, int]:
@@ -141,31 +155,47 @@ class _Run:
         loss.backward()
         self.optimizer.step()
         self.router.clamp_()
-        if self.on_progress is not None:
-            cur = cache_usage_at(self.router().detach(), self.config.tau)
-            lambdas = [] if self.config.objective == "l2c" else list(self.lambdas)
-            self.on_progress(TrainProgress(updates + 1, self.config.iterations, loss.item(), cur, lambdas))
+        self.loss = loss.item()
+        self.report(updates + 1)
         return updates + 1
 
+    def report(self, updates: int, lambda_pass: int = 0) -> None:
+        """Progress after an update, or (`lambda_pass` > 0) after a pass of the lambda estimation."""
+        if self.on_progress is None:
+            return
+        cur = cache_usage_at(self.router().detach(), self.config.tau)
+        lambdas = [] if self.config.objective == "l2c" else list(self.lambdas)
+        progress = TrainProgress(updates, self.config.iterations, self.loss, cur, lambdas)
+        if lambda_pass:
+            progress.phase, progress.lambda_pass, progress.lambda_passes = "lambdas", lambda_pass, self.config.steps
+        self.on_progress(progress)
+
     @torch.no_grad()
-    def estimate_lambdas(self, noise: torch.Tensor, cond: Conditioning, probs: torch.Tensor) -> list[float]:
-        """IEPO weights lambda_k (ALGORITHM.md §4); deterministic given the batch, no global RNG touched."""
+    def estimate_lambdas(
+        self, noise: torch.Tensor, cond: Conditioning, probs: torch.Tensor, updates: int
+    ) -> list[float]:
+        """IEPO weights lambda_k (ALGORITHM.md §4); deterministic given the batch, no global RNG touched. Its T
+        full sampling passes are reported one by one: they can take minutes before the first update."""
         steps, ones = self.config.steps, torch.ones_like(probs)
         result = [0.0] * steps
         if self.config.lambda_mode == "cumulative":
             weights = ones.clone()
             previous = self.final(noise, cond, weights)
+            self.report(updates, lambda_pass=1)
             for k in range(1, steps):
                 weights[k] = probs[k]
                 current = self.final(noise, cond, weights.clone())
+                self.report(updates, lambda_pass=k + 1)
                 result[k] = F.mse_loss(current, previous).item()
                 previous = current
         else:
             cached = self.final(noise, cond, probs)
+            self.report(updates, lambda_pass=1)
             for k in range(1, steps):
                 weights = probs.clone()
                 weights[k] = 1.0
                 result[k] = F.mse_loss(cached, self.final(noise, cond, weights)).item()
+                self.report(updates, lambda_pass=k + 1)
         return result
 
 
@@ -221,7 +251,7 @@ def _sdt_trajectory(run: _Run, updates: int) -> int:
     config, state, router = run.config, run.state, run.router
     noise, cond, _ = run.batch()
     if config.objective == "iepo" and updates >= run.next_refresh:
-        run.lambdas = run.estimate_lambdas(noise, cond, router().detach())
+        run.lambdas = run.estimate_lambdas(noise, cond, router().detach(), updates)
         run.next_refresh = updates + config.lambda_every
     state.reset()  # a new trajectory starts with an empty cache
     scheduler, x = run.scheduler(), noise

@@ -113,6 +113,13 @@ class Lease:
             self.store.release_lease(self.job_id, self.token)
 
 
+def position(progress: dict[str, Any]) -> float:
+    """How far a progress report is: steps or updates done, plus a fraction for the lambda passes that
+    follow an update count before the next update."""
+    done = progress.get("step", progress.get("iteration", 0))
+    return done + progress.get("lambda_pass", 0) / (progress.get("lambda_passes", 0) + 1)
+
+
 def reporter(store: JobStore, job: Job, lease: Lease, cancel_error: type[Exception]) -> Report:
     """Progress callback: checks the cancel flag and the lease each call, and writes the progress (the record's
     and one event in the job's log: `JobStore.report_progress`).
@@ -121,7 +128,7 @@ def reporter(store: JobStore, job: Job, lease: Lease, cancel_error: type[Excepti
     and its record keeps the furthest step or iteration reached until the rerun passes it. While
     Redis is unreachable the job runs on unreported (and cannot be canceled).
     """
-    furthest = job.progress.get("step", job.progress.get("iteration", 0))
+    furthest = position(job.progress)
 
     def report(progress: dict[str, Any]) -> None:
         nonlocal furthest
@@ -130,7 +137,7 @@ def reporter(store: JobStore, job: Job, lease: Lease, cancel_error: type[Excepti
         try:
             if store.cancel_requested(job.id):
                 raise cancel_error(f"job {job.id} canceled")
-            done = progress.get("step", progress.get("iteration"))
+            done = position(progress)
             if done > furthest:
                 store.report_progress(job.id, progress)
                 furthest = done

@@ -47,10 +47,24 @@ def test_lambdas_are_reproducible_vary_by_batch_and_leave_global_rng_alone(digit
         log: list[TrainProgress] = []
         train_router(digits, small(), on_progress=log.append)
         assert torch.equal(torch.get_rng_state(), state)
-        runs.append([p.lambdas for p in log])
+        runs.append([p.lambdas for p in log if p.phase == "updates"])
     assert runs[0] == runs[1]
     first, second = runs[0][0], runs[0][-1]  # refreshed on different batches
     assert first != second and first[0] == 0 and all(v > 0 for v in first[1:])
+
+
+def test_progress_reports_the_lambda_passes_before_the_updates_they_precede(digits):
+    log: list[TrainProgress] = []
+    train_router(digits, small(), on_progress=log.append)  # T = 4, 12 updates, lambdas refreshed every 6
+    passes = [("lambdas", updates, k) for updates in (0, 6) for k in range(1, 5)]
+    expected = (
+        passes[:4] + [("updates", i, 0) for i in range(1, 7)] + passes[4:] + [("updates", i, 0) for i in range(7, 13)]
+    )
+    assert [(p.phase, p.iteration, p.lambda_pass) for p in log] == expected
+    first = {"phase": "lambdas", "iteration": 0, "total": 12, "loss": None, "lambda_pass": 1, "lambda_passes": 4}
+    assert log[0].as_dict() == first | {"cache_usage_rate": log[0].cache_usage_rate}
+    assert log[10].loss == log[9].loss  # a refresh's passes carry the last update's loss
+    assert set(log[-1].as_dict()) == {"phase", "iteration", "total", "loss", "cache_usage_rate"}
 
 
 def test_larger_beta_gives_more_reuse_and_training_lowers_the_loss(digits):
@@ -95,7 +109,8 @@ def test_pixart_training_with_precomputed_embeddings(tiny_pixart, prompt_embeddi
     data = TrainData(prompt_embeddings=prompt_embeddings)
     log: list[TrainProgress] = []
     router = train_router(tiny_pixart, small(guidance=3.0), data, log.append)
-    assert router.logits.shape == (4, len(tiny_pixart.branch_layout)) and len(log) == 12
+    updates = [p for p in log if p.phase == "updates"]
+    assert router.logits.shape == (4, len(tiny_pixart.branch_layout)) and len(updates) == 12
 
 
 def test_cli_router_is_accepted_by_generate_and_refused_for_other_steps(tmp_path, capsys):

@@ -27,9 +27,10 @@ def run(job: Job, settings: Settings, report: Report) -> dict[str, Any]:
     work = settings.job_dir(job.id)
     work.mkdir(parents=True, exist_ok=True)
 
-    def progress(p: TrainProgress) -> None:  # called once per router update, also after a resume
-        telemetry.record_training_update(job.model, config.objective, p.loss)
-        report({"iteration": p.iteration, "total": p.total, "loss": p.loss, "cache_usage_rate": p.cache_usage_rate})
+    def progress(p: TrainProgress) -> None:  # per router update (also after a resume) and per lambda pass
+        if p.phase == "updates":
+            telemetry.record_training_update(job.model, config.objective, p.loss)
+        report(p.as_dict())
 
     start = time.perf_counter()
     # The checkpoint lets a redelivered job resume where the dead worker stopped.
