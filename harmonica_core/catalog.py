@@ -81,11 +81,11 @@ def builtin_routers() -> dict[tuple[str, int], Path]:
     return routers
 
 
-def read_router_metadata(path: str | Path) -> dict[str, Any]:
-    """A router file's JSON metadata, read from the safetensors header (no tensor, no torch).
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the byte offset where its tensor data starts (no torch).
 
-    The layout is an 8-byte little-endian header length, then the JSON header whose
-    `__metadata__["harmonica"]` holds our metadata (see `router.save_router`).
+    The layout is an 8-byte little-endian header length, then the JSON header: tensor name -> dtype, shape,
+    data offsets, and `__metadata__` (strings).
     """
     path = Path(path)
     with path.open("rb") as handle:
@@ -99,6 +99,14 @@ def read_router_metadata(path: str | Path) -> dict[str, Any]:
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ValueError(f"{path} is not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file")
+    return header, 8 + length
+
+
+def read_router_metadata(path: str | Path) -> dict[str, Any]:
+    """A router file's JSON metadata, `__metadata__["harmonica"]` of its header (see `router.save_router`)."""
+    header, _ = read_safetensors_header(path)
     blob = (header.get("__metadata__") or {}).get("harmonica")
     if blob is None:
         raise ValueError(f"{path} is a safetensors file but not a HarmoniCa router (no 'harmonica' metadata)")

@@ -123,11 +123,12 @@ def _preload(**_: object) -> None:
     GRAPHS.limit_bytes = settings.graph_memory_mb * 2**20
     threads, mode = torch.get_num_threads(), settings.execution_mode
     log.info("pool process %d: %d torch threads, %s mode", os.getpid(), threads, mode)
-    loaded = []
+    loaded = {}
     for name in settings.model_names[: settings.max_models_per_worker]:
         try:
-            warm_up(get_model(name, settings), settings.execution_mode)
-            loaded.append(name)
+            model = get_model(name, settings)
+            warm_up(model, settings.execution_mode)
+            loaded[name] = model.fingerprint
         except Exception as error:  # a job for it will fail with the reason; the worker still serves others
             log.warning("could not preload model %s: %s", name, error)
     name = os.environ.get("HARMONICA_WORKER_NAME", socket.gethostname())

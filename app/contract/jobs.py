@@ -382,16 +382,19 @@ class JobStore:
         return [raw.decode() for raw in self._claim(keys=[f"{self.prefix}batch:{batch_key}"], args=args)]
 
     # Worker heartbeats, read by /readyz and the workers gauge. A heartbeat carries the models the
-    # worker's pool process has loaded, so readiness means "model resident", not just "process up".
+    # worker's pool process has loaded, so readiness means "model resident", not just "process up", and
+    # their weights' fingerprints, against which the gateway checks an uploaded router.
     # Both keys expire unless the parent's heartbeat renews them, so a killed worker leaves nothing behind.
-    def mark_loaded(self, worker: str, models: list[str], seconds: float) -> None:
-        self.redis.set(f"{self.prefix}loaded:{worker}", json.dumps(models), ex=max(1, int(seconds)))
+    def mark_loaded(self, worker: str, fingerprints: dict[str, str], seconds: float) -> None:
+        """Record the models a worker has loaded, each with its `Model.fingerprint`."""
+        self.redis.set(f"{self.prefix}loaded:{worker}", json.dumps(fingerprints), ex=max(1, int(seconds)))
 
     def heartbeat(self, worker: str, queues: list[str], seconds: float) -> None:
         ttl = max(1, int(seconds))
         loaded_key = f"{self.prefix}loaded:{worker}"
         loaded = self.redis.get(loaded_key)
-        state = {"queues": queues, "models": json.loads(loaded) if loaded else [], "at": now()}
+        fingerprints = json.loads(loaded) if loaded else {}
+        state = {"queues": queues, "models": list(fingerprints), "fingerprints": fingerprints, "at": now()}
         pipe = self.redis.pipeline()
         pipe.set(f"{self.prefix}worker:{worker}", json.dumps(state), ex=ttl)
         pipe.expire(loaded_key, ttl)
@@ -401,11 +404,12 @@ class JobStore:
         self.redis.delete(f"{self.prefix}worker:{worker}", f"{self.prefix}loaded:{worker}")
 
     def workers(self) -> dict[str, dict[str, Any]]:
-        """Live workers by name: the queues they consume and the models they have loaded."""
+        """Live workers by name: the queues they consume, the models they have loaded and their fingerprints."""
         found = {}
         for key in self.redis.scan_iter(match=f"{self.prefix}worker:*", count=100):
             raw = self.redis.get(key)
             if raw:
                 state = json.loads(raw)
-                found[key.decode().split(":worker:", 1)[1]] = {"queues": state["queues"], "models": state["models"]}
+                fields = ("queues", "models", "fingerprints")
+                found[key.decode().split(":worker:", 1)[1]] = {name: state.get(name, {}) for name in fields}
         return found

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from harmonica_core.catalog import builtin_routers, read_router_metadata
+from harmonica_core.catalog import builtin_routers, read_router_metadata, read_safetensors_header
 from harmonica_core.validation import RouterInfo
 
 log = logging.getLogger("harmonica.registry")
@@ -93,12 +96,58 @@ class RouterRegistry:
         path = self.path_for(router_id)
         return _entry(router_id, path, builtin=False) if path.is_file() else None
 
+    def add(self, data: bytes, name: str | None, accept: Callable[[RouterEntry], None]) -> RouterEntry:
+        """Store an uploaded router file as the owner's, if `check_router_file` and then `accept` (the caller's
+        checks against the served models) pass; raises ValueError saying what is wrong. Its id comes from the
+        name and the content, so uploading the same file again gives the same router."""
+        self.owner_dir.mkdir(parents=True, exist_ok=True)
+        router_id = trained_router_id(name, "upload:" + hashlib.sha256(data).hexdigest())
+        handle, temporary = tempfile.mkstemp(dir=self.owner_dir, prefix=".upload-")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(data)
+            entry = RouterEntry(router_id, Path(temporary), False, check_router_file(Path(temporary)))
+            accept(entry)
+            os.replace(temporary, self.path_for(router_id))  # in the registry whole, or not at all
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+        return RouterEntry(router_id, self.path_for(router_id), False, entry.metadata)
+
+    def remove(self, router_id: str) -> None:
+        """Delete one of the owner's routers (KeyError: it has none of that id; PermissionError: a built-in)."""
+        entry = self.get(router_id)
+        if entry is None:
+            raise KeyError(router_id)
+        if entry.builtin:
+            raise PermissionError(router_id)
+        entry.path.unlink()
+
     def all(self) -> list[RouterEntry]:
         """The built-in routers, then the owner's."""
         paths = [(router_id, path, True) for router_id, path in self._builtin().items()]
         if self.owner_dir.is_dir():
             paths += [(path.stem, path, False) for path in sorted(self.owner_dir.glob("*.safetensors"))]
         return [entry for entry in (_entry(*args) for args in paths) if entry is not None]
+
+
+def check_router_file(path: Path) -> dict[str, Any]:
+    """The metadata of a router file whose header and data agree: HarmoniCa metadata naming its target, and one
+    float32 `logits` tensor of steps x branches filling the rest of the file. ValueError says what is wrong."""
+    header, start = read_safetensors_header(path)
+    metadata = read_router_metadata(path)
+    try:
+        steps, branches = int(metadata["target"]["steps"]), len(metadata["target"]["branch_layout"])
+        RouterInfo.from_metadata(path.name, metadata)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"the router metadata is incomplete ({error!r} is missing or malformed)") from None
+    size = steps * branches * 4
+    tensors = {name: value for name, value in header.items() if name != "__metadata__"}
+    expected = {"logits": {"dtype": "F32", "shape": [steps, branches], "data_offsets": [0, size]}}
+    if tensors != expected:
+        raise ValueError(f"a router of {steps} steps x {branches} branches holds {expected}, this file {tensors}")
+    if path.stat().st_size != start + size:
+        raise ValueError(f"the file is {path.stat().st_size} bytes; its header says {start + size}")
+    return metadata
 
 
 def _entry(router_id: str, path: Path, builtin: bool) -> RouterEntry | None:

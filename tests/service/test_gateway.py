@@ -11,7 +11,7 @@ from app.api.keys import main as keys_cli
 from app.contract.jobs import new_job_id
 from app.contract.registry import RouterRegistry, trained_router_id
 from app.contract.settings import Settings, get_settings
-from harmonica_core.catalog import builtin_routers
+from harmonica_core.catalog import builtin_routers, read_router_metadata
 from tests.servicekit import running_gateway
 
 KEY = "hk_test-key"
@@ -227,6 +227,49 @@ def test_trained_routers_belong_to_the_key_that_trained_them(gateway):
     assert_problem(gateway.get("/routers", headers={"Authorization": ""}), 401)
 
 
+def test_router_files_download_upload_and_delete_for_their_owner_only(gateway):
+    builtin = builtin_routers()[("ddim", 20)]
+    data = builtin.read_bytes()
+    download = gateway.get("/routers/builtin-digits-iepo-ddim-t20/file")
+    assert download.status_code == 200 and download.content == data
+    assert download.headers["content-type"] == "application/octet-stream"
+    assert "builtin-digits-iepo-ddim-t20.safetensors" in download.headers["content-disposition"]
+    assert_problem(gateway.get("/routers/nope/file"), 404, "no router")
+
+    store = gateway.app.state.service.store
+    upload = {
+        "url": "/routers?name=Shared T20",
+        "content": data,
+        "headers": {"Content-Type": "application/octet-stream"},
+    }
+    store.forget_worker("w2@test")
+    assert_problem(gateway.post(**upload), 503, "no worker has loaded 'digits'")
+    store.mark_loaded("w2@test", {"digits": "other weights"}, 10)
+    store.heartbeat("w2@test", ["gen"], 10)
+    assert_problem(gateway.post(**upload), 422, "other weights")
+    store.mark_loaded("w2@test", {"digits": read_router_metadata(builtin)["target"]["model_fingerprint"]}, 10)
+    store.heartbeat("w2@test", ["gen"], 10)
+    try:
+        junk = b"\x04\x00\x00\x00\x00\x00\x00\x00junk"
+        for bad, words in [(junk, "not a safetensors"), (data[:-8], "bytes"), (data + b"\x00" * 4, "bytes")]:
+            assert_problem(gateway.post(**(upload | {"content": bad})), 422, words)
+        created = gateway.post(**upload)
+        assert created.status_code == 201, created.text
+        router_id = created.json()["id"]
+        assert router_id.startswith("shared-t20-") and created.headers["location"] == f"/routers/{router_id}"
+        assert created.json()["builtin"] is False and created.json()["steps"] == 20
+        assert gateway.post(**upload).json()["id"] == router_id  # the same file again: the same router
+        assert gateway.get(f"/routers/{router_id}/file").content == data
+        assert_problem(gateway.get(f"/routers/{router_id}/file", headers=BOB), 404)
+        assert_problem(gateway.delete(f"/routers/{router_id}", headers=BOB), 404, "you have no router")
+        assert_problem(gateway.delete("/routers/builtin-digits-iepo-ddim-t20"), 409, "built in")
+        assert gateway.delete(f"/routers/{router_id}").status_code == 204
+        assert_problem(gateway.get(f"/routers/{router_id}"), 404)
+        assert_problem(gateway.delete(f"/routers/{router_id}"), 404)
+    finally:
+        store.forget_worker("w2@test")
+
+
 @pytest.mark.parametrize("name", [".", "..", ".hidden", "a/b", "", "x" * 65])
 def test_key_names_cannot_leave_the_routers_folder(name, tmp_path):
     with pytest.raises(ValueError, match="not a valid API key name"):
@@ -242,7 +285,8 @@ def test_ready_only_once_a_worker_has_its_model_loaded(gateway):
     assert_problem(gateway.get("/readyz"), 503, "no worker is alive")
     store.heartbeat("w1@test", ["gen"], 10)
     assert_problem(gateway.get("/readyz"), 503, "still loading")
-    store.mark_loaded("w1@test", ["digits"], 10)
+    store.mark_loaded("w1@test", {"digits": "f1"}, 10)
     store.heartbeat("w1@test", ["gen"], 10)
-    assert gateway.get("/readyz").json()["workers"] == {"w1@test": {"queues": ["gen"], "models": ["digits"]}}
+    ready = {"w1@test": {"queues": ["gen"], "models": ["digits"], "fingerprints": {"digits": "f1"}}}
+    assert gateway.get("/readyz").json()["workers"] == ready
     store.forget_worker("w1@test")

@@ -82,7 +82,7 @@ def test_a_lease_comes_back_to_its_holder_after_it_expired_but_never_from_anothe
 
 
 def test_worker_keys_expire_without_heartbeats(store):
-    store.mark_loaded("w@x", ["digits"], 1)
+    store.mark_loaded("w@x", {"digits": "f"}, 1)
     store.heartbeat("w@x", ["gen"], 1)
     assert set(store.workers()) == {"w@x"}
     time.sleep(1.5)

@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.servicekit import Worker, finished, metric_value, poll_job, running_gateway
+from tests.servicekit import WAIT, Worker, finished, metric_value, poll_job, running_gateway, wait_until
 
 LONG = {"class_labels": list(range(10)), "num_images": 6, "steps": 900}  # several seconds on a CPU
 
@@ -176,6 +176,24 @@ def test_prefer_wait_answers_with_the_finished_job_or_as_usual(service):
     plain = client.post("/generate", json={"class_labels": [1], "steps": 4})
     assert plain.status_code == 202 and "preference-applied" not in plain.headers
     assert poll_job(client, plain.json()["id"], finished)["status"] == "succeeded"
+
+
+def test_a_downloaded_router_uploaded_again_generates_like_the_original(service):
+    client, _ = service
+    data = client.get("/routers/builtin-digits-iepo-ddim-t20/file").content
+    headers = {"Content-Type": "application/octet-stream"}
+    wait_until(lambda: client.get("/readyz").status_code == 200, WAIT, "the worker's model and its fingerprint")
+    created = client.post("/routers?name=copy", content=data, headers=headers)
+    assert created.status_code == 201, created.text
+    jobs = {}
+    for router_id in ("builtin-digits-iepo-ddim-t20", created.json()["id"]):
+        body = {"class_labels": [6], "seed": 3, "acceleration": {"method": "harmonica", "router_id": router_id}}
+        jobs[router_id] = poll_job(client, client.post("/generate", json=body).json()["id"], finished)
+    original, copy = jobs.values()
+    assert original["status"] == copy["status"] == "succeeded"
+    assert original["result"]["reused_branches"] == copy["result"]["reused_branches"] > 0
+    first, second = (client.get(f"/jobs/{job['id']}/images/0").content for job in (original, copy))
+    assert first == second
 
 
 def test_readiness_health_and_listing(service):
