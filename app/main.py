@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from .api import errors, telemetry
 from .api.deps import Service
 from .api.limits import LimitBody
-from .api.routes import health, jobs, models, routers
+from .api.routes import health, jobs, models, routers, webhooks
 from .contract.kinds import KINDS
 from .contract.settings import get_settings
 from .logs import configure_logging
@@ -55,5 +55,5 @@ app = FastAPIOffline(  # FastAPI whose /docs and /redoc load their scripts from 
 app.add_middleware(LimitBody)
 for route in [kind.route for kind in KINDS.values()]:  # each job kind's POST route, named by its entry
     app.include_router(import_module(f"{__package__}.api.routes.{route}").router)
-for module in (jobs, routers, models, health):
+for module in (jobs, routers, models, webhooks, health):
     app.include_router(module.router)

@@ -30,6 +30,7 @@ from app.contract.jobs import JobStore
 from app.contract.queue import enqueue, make_celery
 from app.contract.reconcile import Reconciler, delete_expired_artifacts
 from app.contract.settings import get_settings
+from app.contract.webhooks import Deliverer
 from app.logs import configure_logging
 
 from . import telemetry
@@ -40,6 +41,7 @@ celery = make_celery(settings)
 celery.conf.imports = ["worker.tasks"]
 store = JobStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix, settings.job_ttl_seconds)
 _stop = threading.Event()
+WEBHOOK_INTERVAL = 0.5  # seconds between looks for due webhooks
 
 
 def _heartbeat(name: str, queues: list[str]) -> None:
@@ -71,6 +73,16 @@ def _reconcile() -> None:
             log.warning("reconciler sweep failed: %s", error)
 
 
+def _webhooks() -> None:
+    """Deliver the webhooks that are due, in the parent: the pool processes never wait for a receiver."""
+    deliverer = Deliverer(store, settings)
+    while not _stop.wait(WEBHOOK_INTERVAL):
+        try:
+            deliverer.deliver_due()
+        except Exception as error:  # Redis away: the next turn tries again
+            log.warning("webhook delivery failed: %s", error)
+
+
 @setup_logging.connect
 def _logging(loglevel: str | int | None = None, **_: object) -> None:
     """JSON lines instead of Celery's own format (connecting this signal replaces Celery's setup)."""
@@ -97,6 +109,8 @@ def _start(sender, **_: object) -> None:  # type: ignore[no-untyped-def]
     name = sender.hostname or socket.gethostname()
     threading.Thread(target=_heartbeat, args=(name, queues), daemon=True).start()
     threading.Thread(target=_reconcile, daemon=True).start()
+    if settings.webhook_secret:
+        threading.Thread(target=_webhooks, daemon=True).start()
     where = f"{settings.worker_metrics_host}:{port}"
     log.info("worker %s consuming %s; metrics on %s/metrics", name, ",".join(queues), where)
 

@@ -22,6 +22,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # no true -> 1, no "5" -> 5
 
 
+class Notify(Strict):
+    """What every job request may add: where to tell its owner about the job (`app/contract/webhooks.py`)."""
+
+    webhook: str | None = Field(
+        None,
+        max_length=2000,
+        description="an http(s) URL that gets a signed POST of the job when it ends (Standard Webhooks headers; "
+        "the key is GET /webhooks/secret); its host must be public unless the operator allows it",
+    )
+    webhook_progress: bool = Field(False, description="also POST the job as it progresses, about once a second")
+
+
 class Links(BaseModel):
     self: str
     cancel: str

@@ -17,6 +17,7 @@ from app.contract.jobs import Job, new_job_id, now
 from app.contract.kinds import KINDS
 from app.contract.queue import enqueue
 from app.contract.settings import Settings
+from app.contract.webhooks import check_url
 from harmonica_core.errors import InvalidRequest
 
 from . import telemetry
@@ -67,6 +68,10 @@ def submit(
         raise ApiError(422, "Invalid request", str(error), errors=errors) from None
     fingerprint = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     job = Job(new_job_id(), kind, "queued", who, request["model"], request, now())
+    job.webhook, job.webhook_progress = (
+        checked_webhook(body, service.settings),
+        getattr(body, "webhook_progress", False),
+    )
     if batch is not None:
         job.batch_key, job.batch_rows = batch(request)
     bound_key = None if idempotency_key is None else f"{kind}:{idempotency_key}"
@@ -89,6 +94,23 @@ def submit(
             service.store.release_idempotency_key(who, bound_key)
         raise
     return accepted(service, job, response, prefer)
+
+
+def checked_webhook(body: BaseModel, settings: Settings) -> str | None:
+    """The body's webhook URL if webhooks are on here and it passes the SSRF checks; else a 422."""
+    url = getattr(body, "webhook", None)
+    if url is None:
+        return None
+    if not settings.webhook_secret:
+        detail = "webhooks are off on this service (its operator sets HARMONICA_WEBHOOK_SECRET to turn them on)"
+        raise ApiError(422, "Webhooks off", detail, errors=[{"field": "webhook", "message": detail}])
+    try:
+        check_url(url, settings.webhook_allow_host_set)
+    except ValueError as error:
+        raise ApiError(
+            422, "Webhook refused", str(error), errors=[{"field": "webhook", "message": str(error)}]
+        ) from None
+    return url
 
 
 def admit_and_enqueue(service: Service, job: Job) -> None:

@@ -41,6 +41,15 @@ end
 local function state_event(status)
   return '{"type": "state", "status": "' .. status .. '"}'
 end
+-- Schedules the job's webhook for `event` (a final state, or 'progress' if the job asked for progress) unless
+-- one is pending already, due now by the server's clock (`webhooks.py` delivers it).
+local function notify(prefix, key, id, event)
+  local url = redis.call('HGET', key, 'webhook')
+  if not url or url == '' then return end
+  if event == 'progress' and redis.call('HGET', key, 'webhook_progress') ~= '1' then return end
+  local now = redis.call('TIME')
+  redis.call('ZADD', prefix .. 'webhooks', 'NX', now[1] + now[2] / 1e6, id .. ':' .. event)
+end
 """
 
 # Where a job waits to share a batch: maintained with the queued set by every script that moves a job.
@@ -99,9 +108,11 @@ for state in string.gmatch(ARGV[1], '[^,]+') do
     batch_index(ARGV[4], KEYS[1], id, ARGV[2] == 'queued')
     if ARGV[6] ~= '' then
       emit(KEYS[1], ARGV[6], ARGV[3])
+      notify(ARGV[4], KEYS[1], id, 'progress')
     elseif ARGV[2] ~= current then
       emit(KEYS[1], state_event(ARGV[2]), ARGV[3])
     end
+    if tonumber(ARGV[3]) > 0 then notify(ARGV[4], KEYS[1], id, ARGV[2]) end
     if tonumber(ARGV[3]) > 0 then
       redis.call('EXPIRE', KEYS[1], ARGV[3])
       redis.call('SREM', ARGV[4] .. 'active:' .. redis.call('HGET', KEYS[1], 'owner'), id)
@@ -186,6 +197,8 @@ class Job:
     cancel_requested: bool = False
     batch_key: str | None = None  # jobs with equal keys may share a denoising batch (generation)
     batch_rows: int = 0  # the transformer rows it adds to a batch
+    webhook: str | None = None  # called as the job ends (`webhooks.py`)
+    webhook_progress: bool = False  # ... and as it progresses
 
     @property
     def final(self) -> bool:
@@ -203,7 +216,8 @@ class Job:
             finished_at=number("finished_at"), progress=decoded["progress"] or {}, result=decoded["result"],
             error=decoded["error"], deliveries=int(data.get("deliveries") or 0),
             cancel_requested=data.get("cancel_requested") == "1", batch_key=data.get("batch_key") or None,
-            batch_rows=int(data.get("batch_rows") or 0),
+            batch_rows=int(data.get("batch_rows") or 0), webhook=data.get("webhook") or None,
+            webhook_progress=data.get("webhook_progress") == "1",
         )  # fmt: skip
 
 
@@ -316,6 +330,25 @@ class JobStore:
         event = json.dumps({"type": "progress", **progress})
         args = ["running", "running", 0, self.prefix, "0", event, *_flatten({"progress": progress})]
         self._transition(keys=[self._key(job_id)], args=args)
+
+    def due_webhooks(self, limit: int = 50) -> list[tuple[str, int]]:
+        """Claim webhook deliveries that are due (one claimer each): their `<job id>:<event>` and attempt count."""
+        key, attempts = f"{self.prefix}webhooks", f"{self.prefix}webhook-attempts"
+        seconds, micros = self.redis.time()
+        claimed = []
+        for raw in self.redis.zrangebyscore(key, "-inf", seconds + micros / 1e6, start=0, num=limit):
+            if self.redis.zrem(key, raw):
+                claimed.append((raw.decode(), int(self.redis.hget(attempts, raw) or 0)))
+                self.redis.hdel(attempts, raw)
+        return claimed
+
+    def schedule_webhook(self, member: str, delay: float, attempt: int) -> None:
+        """Try a delivery again in `delay` seconds as attempt number `attempt` (counted from 0)."""
+        seconds, micros = self.redis.time()
+        pipe = self.redis.pipeline()
+        pipe.hset(f"{self.prefix}webhook-attempts", member, attempt)
+        pipe.zadd(f"{self.prefix}webhooks", {member: seconds + micros / 1e6 + delay})
+        pipe.execute()
 
     def wait_final(self, job_id: str, seconds: float) -> Job | None:
         """The job once it is final, or as it is after `seconds`; woken by its event log, not by polling."""

@@ -93,6 +93,14 @@ class SettingsBase(BaseSettings):
     worker_metrics_host: str = Field(
         "127.0.0.1", description="address of the workers' metrics endpoints (0.0.0.0 where Prometheus is remote)"
     )
+    webhook_secret: str = Field(
+        "", description="server secret the owners' webhook signing keys derive from; empty: webhooks are refused"
+    )
+    webhook_allow_hosts: str = Field(
+        "", description="comma-separated webhook hosts allowed although they resolve to private or loopback addresses"
+    )
+    webhook_max_attempts: int = Field(6, ge=1, description="deliveries of one webhook before it is given up")
+    webhook_timeout_seconds: float = Field(5, gt=0, description="how long a webhook receiver has to answer")
     max_wait_seconds: float = Field(
         60, ge=0, description="the longest a request's `Prefer: wait=N` holds its answer for the job to end"
     )
@@ -118,6 +126,10 @@ class SettingsBase(BaseSettings):
     @property
     def model_names(self) -> list[str]:
         return [name.strip() for name in self.models.split(",") if name.strip()]
+
+    @property
+    def webhook_allow_host_set(self) -> set[str]:
+        return {host.strip().lower() for host in self.webhook_allow_hosts.split(",") if host.strip()}
 
     @property
     def routers_dir(self) -> Path:

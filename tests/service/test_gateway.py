@@ -270,6 +270,13 @@ def test_router_files_download_upload_and_delete_for_their_owner_only(gateway):
         store.forget_worker("w2@test")
 
 
+def test_webhooks_are_refused_while_the_service_has_no_webhook_secret(gateway):
+    body = {"class_labels": [1], "webhook": "https://example.com/hook"}
+    problem = assert_problem(gateway.post("/generate", json=body), 422, "HARMONICA_WEBHOOK_SECRET")
+    assert problem["errors"][0]["field"] == "webhook"
+    assert_problem(gateway.get("/webhooks/secret"), 404, "off")
+
+
 @pytest.mark.parametrize("name", [".", "..", ".hidden", "a/b", "", "x" * 65])
 def test_key_names_cannot_leave_the_routers_folder(name, tmp_path):
     with pytest.raises(ValueError, match="not a valid API key name"):

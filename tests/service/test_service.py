@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import hmac
 import io
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
@@ -15,7 +19,8 @@ LONG = {"class_labels": list(range(10)), "num_images": 6, "steps": 900}  # sever
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    with running_gateway(tmp_path_factory.mktemp("service")) as (client, env, db):
+    hooks = {"HARMONICA_WEBHOOK_SECRET": "test-secret", "HARMONICA_WEBHOOK_ALLOW_HOSTS": "127.0.0.1"}
+    with running_gateway(tmp_path_factory.mktemp("service"), **hooks) as (client, env, db):
         worker = Worker(env).start(db)
         try:
             yield client, worker
@@ -194,6 +199,51 @@ def test_a_downloaded_router_uploaded_again_generates_like_the_original(service)
     assert original["result"]["reused_branches"] == copy["result"]["reused_branches"] > 0
     first, second = (client.get(f"/jobs/{job['id']}/images/0").content for job in (original, copy))
     assert first == second
+
+
+def test_webhooks_are_signed_retried_and_refused_for_private_hosts(service):
+    client, _ = service
+    received: list[tuple[dict, bytes]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            first_final = b"job.succeeded" in body and not any(b"job.succeeded" in b for _, b in received)
+            received.append(({name.lower(): value for name, value in self.headers.items()}, body))
+            self.send_response(500 if first_final else 204)  # the first final delivery fails: a retry must come
+            self.end_headers()
+
+        def log_message(self, *_) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"  # allowed by the fixture's settings
+        body = {"class_labels": [2], "steps": 20, "webhook": url, "webhook_progress": True}
+        job = client.post("/generate", json=body).json()
+        assert poll_job(client, job["id"], finished)["status"] == "succeeded"
+        wait_until(lambda: sum(b"job.succeeded" in body for _, body in received) == 2, WAIT, "webhook and retry")
+    finally:
+        server.shutdown()
+    key = base64.b64decode(client.get("/webhooks/secret").json()["secret"].removeprefix("whsec_"))
+    events = []
+    for headers, raw in received:
+        signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + raw
+        assert headers["webhook-signature"] == "v1," + base64.b64encode(hmac.digest(key, signed, "sha256")).decode()
+        events.append((headers["webhook-id"], json.loads(raw)))
+    finals = [(message_id, event) for message_id, event in events if event["type"] == "job.succeeded"]
+    assert finals[0][0] == finals[1][0]  # the retry is the same message (same webhook-id)
+    assert finals[-1][1]["data"]["id"] == job["id"] and finals[-1][1]["data"]["result"]["images"]
+    progress = [event["data"]["progress"]["step"] for _, event in events if event["type"] == "job.progress"]
+    assert progress and all(0 < step <= 20 for step in progress)
+    for refused, words in [
+        ("http://10.1.2.3/x", "private"),
+        ("http://localhost:9/x", "loopback"),
+        ("ftp://a/b", "http"),
+    ]:
+        answer = client.post("/generate", json={"class_labels": [2], "webhook": refused})
+        assert answer.status_code == 422 and words in answer.json()["detail"], answer.text
 
 
 def test_readiness_health_and_listing(service):

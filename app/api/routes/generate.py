@@ -19,7 +19,7 @@ from harmonica_core.validation import Limits, RouterInfo, batch_signature, valid
 
 from ..deps import Owner, Routers, ServiceDep
 from ..errors import POST_RESPONSES
-from ..schemas import JobOut, Strict
+from ..schemas import JobOut, Notify, Strict
 from ..submit import IdempotencyKey, check_served, submit
 from ..waiting import WAITED, Prefer
 
@@ -46,7 +46,7 @@ def _acceleration() -> type[Strict]:
 Acceleration = _acceleration()
 
 
-class GenerateRequest(Strict):
+class GenerateRequest(Notify):
     model: str = Field("digits", description="a model from GET /models")
     class_labels: list[int] | None = Field(
         None, min_length=1, description="class-conditional models (DiT, digits): one class id per image group"

@@ -15,7 +15,7 @@ from harmonica_core.validation import Limits, validate_training
 
 from ..deps import Owner, ServiceDep
 from ..errors import POST_RESPONSES
-from ..schemas import JobOut, Strict
+from ..schemas import JobOut, Notify, Strict
 from ..submit import IdempotencyKey, check_served, submit
 from ..waiting import WAITED, Prefer
 
@@ -36,7 +36,7 @@ def _train_request() -> type[Strict]:
         None, max_length=60, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$", description="readable prefix of the router id"
     )
     fields["name"] = (str | None, name)
-    return create_model("TrainRouterRequest", __base__=Strict, **fields)
+    return create_model("TrainRouterRequest", __base__=Notify, **fields)
 
 
 TrainRouterRequest = _train_request()
