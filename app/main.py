@@ -11,8 +11,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import import_module
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import REGISTRY
 
@@ -23,6 +26,8 @@ from .api.routes import health, jobs, models, routers, webhooks
 from .contract.kinds import KINDS
 from .contract.settings import get_settings
 from .logs import configure_logging
+
+STATIC = Path(__file__).parent / "static"  # the playground at /
 
 log = logging.getLogger("harmonica.gateway")
 
@@ -57,3 +62,10 @@ for route in [kind.route for kind in KINDS.values()]:  # each job kind's POST ro
     app.include_router(import_module(f"{__package__}.api.routes.{route}").router)
 for module in (jobs, routers, models, webhooks, health):
     app.include_router(module.router)
+app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+
+@app.get("/", include_in_schema=False)
+def playground() -> FileResponse:
+    """The playground: a page to generate, watch the steps, read the routers' plans and train (static files)."""
+    return FileResponse(STATIC / "index.html")

@@ -91,6 +91,8 @@ class RouterMetadata:
     training: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     method: str = "harmonica"  # the cache method it runs under (`l2c` routers alternate full steps)
+    plan: list[list[bool]] = field(default_factory=list)  # its plan at `threshold` (T x N computes), for readers
+    # without torch (the gateway's router pages); empty in files written before it was recorded
     format_version: int = FORMAT_VERSION
 
 

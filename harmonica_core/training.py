@@ -351,6 +351,7 @@ def train_and_save(
         model_name=model.name,
         training=asdict(config) | {"seconds": round(seconds, 2)},
         quality=quality,
+        plan=[list(row) for row in plan.compute],
     )
     save_router(out, router, metadata)
     return quality

@@ -23,7 +23,7 @@ from diffusers import (
 from harmonica_core.models import Model, load_model
 from harmonica_core.sampling import PromptEmbeddings
 
-KINDS = ("unit", "service", "deploy")
+KINDS = ("unit", "service", "deploy", "browser")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -100,6 +100,35 @@ def gateway_on(
             yield client, env, redis.Redis.from_url(url)
 
 
+@contextmanager
+def gateway_process(
+    tmp: Path, **settings: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes], redis.Redis, dict[str, str]]]:
+    """`uvicorn app.main:app` on a free port with its own Redis; yields its base URL, the process, Redis and the
+    service settings (what a `Worker` for it needs)."""
+    with redis_database(tmp) as url:
+        port = free_port()
+        env = {name: value for name, value in os.environ.items() if name != "PROMETHEUS_MULTIPROC_DIR"}
+        service = {**BASE_ENV, "REDIS_URL": url, "HARMONICA_ARTIFACTS_DIR": str(tmp / "artifacts"), **settings}
+        env.update(service)
+        base = f"http://127.0.0.1:{port}"
+        with (tmp / "gateway.log").open("wb") as log:
+            process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)],
+                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        client = redis.Redis.from_url(url)
+        try:
+            wait_until(lambda: http_json(f"{base}/healthz")[0] == 200, 120, "the gateway", processes=(process,))
+            yield base, process, client, service
+        finally:
+            client.close()
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
 class Worker:
     """`python -m worker` as a real process group (Celery parent + prefork child)."""
 

@@ -101,6 +101,14 @@ class RouterOut(BaseModel):
     created_at: float
 
 
+class RouterDetail(RouterOut):
+    branch_layout: list[str] = Field(description="the branches, `<block>.<kind>`, in the plan's column order")
+    plan: list[list[bool]] = Field(
+        description="steps x branches: true where the branch computes at the router's threshold, false where "
+        "it reuses; empty for router files written before plans were recorded"
+    )
+
+
 class ModelOut(BaseModel):
     id: str
     description: str

@@ -61,6 +61,11 @@ class RouterEntry:
             "created_at": self.path.stat().st_mtime,
         }
 
+    def detail(self) -> dict[str, Any]:
+        """The summary, with the branch names and the plan at the router's threshold (for the heatmap)."""
+        layout = self.metadata["target"]["branch_layout"]
+        return self.summary() | {"branch_layout": layout, "plan": self.metadata.get("plan", [])}
+
 
 def trained_router_id(name: str | None, job_id: str) -> str:
     """Deterministic per job, so a redelivered training job overwrites its own file; a hash of the job id, not

@@ -8,56 +8,24 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import psutil
-import redis
 
 from app.api.keys import digest
 from app.contract.jobs import JobStore
-from app.embedded_redis import free_port
-from tests.servicekit import ROOT, http_json, metric_value, redis_database, wait_until
+from tests.servicekit import gateway_process, metric_value
 
 MiB = 1 << 20
 Answer = tuple[int, dict[str, Any]]  # status, decoded body
-
-
-@contextmanager
-def gateway_process(tmp: Path, **settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes], redis.Redis]]:
-    """`uvicorn app.main:app` on a free port with its own Redis; yields its base URL, the process and Redis."""
-    with redis_database(tmp) as url:
-        port = free_port()
-        env = {name: value for name, value in os.environ.items() if name != "PROMETHEUS_MULTIPROC_DIR"}
-        env.update(REDIS_URL=url, HARMONICA_ARTIFACTS_DIR=str(tmp / "artifacts"), **settings)
-        base = f"http://127.0.0.1:{port}"
-        with (tmp / "gateway.log").open("wb") as log:
-            process = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)],
-                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-        client = redis.Redis.from_url(url)
-        try:
-            wait_until(lambda: http_json(f"{base}/healthz")[0] == 200, 120, "the gateway", processes=(process,))
-            yield base, process, client
-        finally:
-            client.close()
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
 
 
 def post(url: str, body: dict[str, Any], key: str) -> Answer:
@@ -92,7 +60,7 @@ def burst(url: str, key: str, count: int, during: Callable[[], int]) -> tuple[li
 def test_concurrent_posts_never_pass_the_per_key_limit_or_the_queue_depth(tmp_path):
     keys = f"alice:{digest('hk_alice')},bob:{digest('hk_bob')}"
     limits = {"HARMONICA_API_KEYS": keys, "HARMONICA_MAX_ACTIVE_JOBS_PER_KEY": "20", "HARMONICA_MAX_QUEUE_DEPTH": "25"}
-    with gateway_process(tmp_path, **limits) as (base, _, client):
+    with gateway_process(tmp_path, **limits) as (base, _, client, _):
         store = JobStore(client)
         # No worker runs: accepted jobs stay queued. Alice's 60 meet her limit of 20 (the queue has room) ...
         results, active = burst(f"{base}/generate", "hk_alice", 60, lambda: store.active("alice"))
@@ -144,7 +112,7 @@ def stream_chunked(port: int, total: int) -> Answer:
 
 
 def test_a_huge_chunked_body_is_refused_without_buffering_it(tmp_path):
-    with gateway_process(tmp_path) as (base, process, _):
+    with gateway_process(tmp_path) as (base, process, _, _):
         port = int(base.rsplit(":", 1)[1])
         assert stream_chunked(port, MiB)[0] == 413  # warm-up: the refusal path's imports and allocations
         gateway = psutil.Process(process.pid)

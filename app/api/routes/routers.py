@@ -11,7 +11,7 @@ from app.contract.registry import RouterEntry
 
 from ..deps import Routers, ServiceDep
 from ..errors import JOB_RESPONSES, POST_RESPONSES, ApiError
-from ..schemas import RouterOut
+from ..schemas import RouterDetail, RouterOut
 
 router = APIRouter(tags=["routers"])
 FILE_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"application/octet-stream": {}}}, **JOB_RESPONSES}
@@ -31,10 +31,10 @@ def list_routers(registry: Routers, model: str | None = None) -> list[dict[str, 
     return [r.summary() for r in registry.all() if model is None or r.model == model]
 
 
-@router.get("/routers/{router_id}", response_model=RouterOut, responses=JOB_RESPONSES, summary="Get a router")
+@router.get("/routers/{router_id}", response_model=RouterDetail, responses=JOB_RESPONSES, summary="Get a router")
 def get_router(router_id: str, registry: Routers) -> dict[str, Any]:
-    """A built-in router or one of yours."""
-    return found(registry, router_id).summary()
+    """A built-in router or one of yours, with its plan: which branch computes at which step."""
+    return found(registry, router_id).detail()
 
 
 @router.get(
