@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="cpu")
     tr.add_argument("--out", type=Path, required=True, help="router file to write (.safetensors)")
 
+    mr = commands.add_parser(
+        "measure-router", help="a router file's quality against uncached generation on a fixed evaluation set"
+    )
+    mr.add_argument("--router", type=Path, required=True, help="router file (.safetensors)")
+    mr.add_argument("--model", default="digits", help="the model it was trained for")
+    mr.add_argument("--samples", type=_positive, default=500, help="evaluation samples (fixed seed)")
+    mr.add_argument("--device", default="cpu")
+    mr.add_argument("--write", action="store_true", help="record the measurement in the file's metadata")
+
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     qb = bench.add_parser("quality", help="quality vs speedup of every method from the same noise (trains routers)")
     qb.add_argument("--model", default="digits")
@@ -222,6 +231,38 @@ def load_train_data(args: argparse.Namespace, model):
     return data
 
 
+def run_measure_router(args: argparse.Namespace, command: str) -> dict:
+    """Measure a router as training does (`training.router_quality`), at its own threshold, sampler, steps and
+    guidance; with --write, the file's quality becomes this measurement (its logits stay as they are)."""
+    from dataclasses import replace
+
+    from .models import load_model
+    from .router import load_router, read_router, save_router
+    from .train_config import TrainConfig
+    from .training import default_data, router_quality
+
+    _, found = read_router(args.router)
+    model = load_model(args.model, device=args.device)
+    scheduler = found.training.get("scheduler", "ddim")
+    router, metadata = load_router(args.router, model.router_target(scheduler, found.target.steps))
+    config = TrainConfig(**{k: v for k, v in metadata.training.items() if k in TrainConfig.__dataclass_fields__})
+    data = default_data(model, config.objective)
+    _, quality = router_quality(model, router, metadata.method, metadata.threshold, config, args.samples, data)
+    quality["command"] = command
+    if args.write:
+        save_router(args.router, router, replace(metadata, quality=quality))
+    return quality
+
+
+def describe(quality: dict) -> str:
+    """A router's measured quality in one line."""
+    accuracy = f", accuracy {quality['accuracy']:.1%}" if "accuracy" in quality else ""
+    return (
+        f"cache usage {quality['cache_usage_rate']:.1%}, theoretical speedup {quality['theoretical_speedup']:.2f}x, "
+        f"PSNR {quality['psnr']:.1f} dB vs uncached{accuracy}"
+    )
+
+
 def run_evaluate(args: argparse.Namespace) -> dict:
     from .digits.evaluate import score_digits
     from .models import load_model
@@ -269,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train-router":
             quality = run_train_router(args)
-            print(
-                f"wrote {args.out}: cache usage {quality['cache_usage_rate']:.1%}, theoretical speedup "
-                f"{quality['theoretical_speedup']:.2f}x, PSNR {quality['psnr']:.1f} dB vs uncached"
-                + (f", accuracy {quality['accuracy']:.1%}" if "accuracy" in quality else "")
-            )
+            print(f"wrote {args.out}: {describe(quality)}")
+        elif args.command == "measure-router":
+            command = "harmonica " + " ".join(sys.argv[1:] if argv is None else argv)
+            quality = run_measure_router(args, command)
+            written = f"; recorded in {args.router}" if args.write else ""
+            print(f"{args.router}: {describe(quality)} over {quality['samples']} samples{written}")
         elif args.command == "bench":
             from .quality_bench import QualityBenchConfig, format_table, run_quality_bench
 

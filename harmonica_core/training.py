@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache.hooks import CacheConfig, CacheState, branch_cache
+from .cache.plan import CachePlan
 from .families import Conditioning
 from .models import Model
 from .router import Router, RouterMetadata, save_router
@@ -316,6 +317,23 @@ def default_data(model: Model, objective: str) -> TrainData:
     return TrainData()
 
 
+def router_quality(
+    model: Model, router: Router, method: str, threshold: float, config: TrainConfig, samples: int, data: TrainData
+) -> tuple[CachePlan, dict[str, Any]]:
+    """The router's plan at `threshold` under `method`, and its quality against uncached generation on a fixed
+    evaluation set of `samples` at the steps, sampler and guidance of `config` (`quality.plan_quality`)."""
+    from .cache.methods import make_plan
+    from .quality import evaluation_request, plan_quality
+    from .sampling import generate
+
+    plan = make_plan(method, config.steps, model.branch_layout, router, threshold=threshold)
+    request = evaluation_request(
+        model, samples, config.steps, config.scheduler, config.guidance,
+        captions=data.captions, prompt_embeddings=data.prompt_embeddings,
+    )  # fmt: skip
+    return plan, plan_quality(model, plan, request, generate(model, request))
+
+
 def train_and_save(
     model: Model,
     config: TrainConfig,
@@ -329,21 +347,12 @@ def train_and_save(
 
     The file's metadata records the full training config, its duration and the measured quality.
     """
-    from .cache.methods import make_plan
-    from .quality import evaluation_request, plan_quality
-    from .sampling import generate
-
     data = data or default_data(model, config.objective)
     start = time.perf_counter()
     router = train_router(model, config, data, on_progress, checkpoint)
     seconds = time.perf_counter() - start
     method = plan_method(config.objective)
-    plan = make_plan(method, config.steps, model.branch_layout, router, threshold=config.tau)
-    request = evaluation_request(
-        model, eval_samples, config.steps, config.scheduler, config.guidance,
-        captions=data.captions, prompt_embeddings=data.prompt_embeddings,
-    )  # fmt: skip
-    quality = plan_quality(model, plan, request, generate(model, request))
+    plan, quality = router_quality(model, router, method, config.tau, config, eval_samples, data)
     metadata = RouterMetadata(
         target=model.router_target(config.scheduler, config.steps),
         method=method,

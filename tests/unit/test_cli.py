@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from harmonica_core.cli import main
@@ -61,3 +62,20 @@ def test_bench_quality_runs_only_the_groups_asked_for():
     config = only_groups(QualityBenchConfig(), "fora, delta")
     assert config.fora and config.delta and config.fewer_steps == () and config.betas == {}
     assert main(["bench", "quality", "--only", "magic", "--out", "unused"]) == 2
+
+
+def test_measure_router_records_a_new_measurement_and_keeps_the_logits(tmp_path, capsys):
+    import shutil
+
+    from harmonica_core.catalog import builtin_routers
+    from harmonica_core.router import read_router
+
+    path = tmp_path / "router.safetensors"
+    shutil.copy(builtin_routers()["ddim", 10], path)
+    before, old = read_router(path)
+    assert main(["measure-router", "--router", str(path), "--samples", "10", "--write"]) == 0
+    after, new = read_router(path)
+    assert torch.equal(before.logits, after.logits) and new.plan == old.plan and new.training == old.training
+    assert new.quality["samples"] == 10 and new.quality["command"].endswith("--samples 10 --write")
+    assert new.quality["cache_usage_rate"] == pytest.approx(old.quality["cache_usage_rate"])
+    assert "over 10 samples; recorded in" in capsys.readouterr().out
