@@ -400,13 +400,19 @@ def _requirement_closure(lines: list[str]) -> set[str]:
     return set(extras_seen)
 
 
+# Imported only when installed, by packages that run without them (anyio tries sniffio, httpcore trio, httpx
+# socks): the dev environment has them, as selenium's dependencies, and the images do not. Their own
+# dependencies come with them.
+OPTIONAL_IMPORTS = ["sniffio", "trio", "PySocks"]
+
+
 def _not_installed_by(requirements: list[str], *modules: str) -> dict[str, list[str]]:
     """Packages that importing `modules` loads but `pip install` of `requirements` would not bring."""
     pytest.importorskip("packaging")
     from packaging.utils import canonicalize_name
 
     imported = sorted(imported_modules(*modules))
-    allowed = _requirement_closure(requirements) | {"pip", "setuptools"}  # a venv's own
+    allowed = _requirement_closure(requirements) | _requirement_closure(OPTIONAL_IMPORTS) | {"pip", "setuptools"}
     owners = importlib.metadata.packages_distributions()
     return {
         module: owners[module]
