@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--samples", type=_positive, default=500, help="samples per method (fixed seeds)")
     qb.add_argument("--iterations", type=int, default=380, help="router updates per trained router")
     qb.add_argument(
-        "--only", help="comma-separated method groups to run beside `none`: fewer-steps, fora, delta, iepo, ltc, l2c"
+        "--only",
+        help="comma-separated method groups to run beside `none`: fewer-steps, fora, forecast, delta, iepo, ltc, l2c",
     )
     qb.add_argument("--out", type=Path, default=Path("bench/results"))
 
@@ -282,13 +283,14 @@ def only_groups(config, groups: str):
     from dataclasses import replace
 
     wanted = {group.strip() for group in groups.split(",") if group.strip()}
-    known = {"fewer-steps", "fora", "delta", *config.betas}
+    known = {"fewer-steps", "fora", "forecast", "delta", *config.betas}
     if not wanted or wanted - known:
         raise CliError(f"--only takes some of {', '.join(sorted(known))}, got {groups!r}")
     return replace(
         config,
         fewer_steps=config.fewer_steps if "fewer-steps" in wanted else (),
         fora=config.fora if "fora" in wanted else (),
+        forecast=config.forecast if "forecast" in wanted else (),
         delta=config.delta if "delta" in wanted else (),
         betas={objective: betas for objective, betas in config.betas.items() if objective in wanted},
     )

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from .branches import find_branches
-from .cache.hooks import CacheConfig, CacheState, CopyReuse, ReuseStrategy, branch_cache
+from .cache.hooks import CacheConfig, CacheState, CopyReuse, ReuseStrategy, branch_cache, reuse_strategy
 from .cache.plan import CachePlan
 from .catalog import DEFAULT_EXECUTION_MODE as DEFAULT_MODE
 from .catalog import EXECUTION_MODES as MODES
@@ -140,9 +140,10 @@ class PlannedForward:
 _said_no_graphs: list[torch.device] = []  # the fallback's one log line per process
 
 
-def resolve_mode(model: Model, mode: str) -> str:
-    """The mode a generation of `model` runs in when `mode` is asked for: `auto` by device, and the nearest that
-    works where the asked one cannot (no planned forward for the family: eager; no CUDA: compiled for graphs)."""
+def resolve_mode(model: Model, mode: str, plan: CachePlan | None = None) -> str:
+    """The mode a generation of `model` (with `plan`) runs in when `mode` is asked for: `auto` by device, and the
+    nearest that works where the asked one cannot (no planned forward for the family: eager; no CUDA, or a
+    forecasting plan, whose reuse is not a static buffer: compiled for graphs)."""
     if mode not in MODES:
         raise ValueError(f"unknown execution mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "auto":
@@ -150,6 +151,8 @@ def resolve_mode(model: Model, mode: str) -> str:
     if mode != "eager" and not model.spec.runs_blocks:
         log.debug("the %s family has no planned forward: %s runs in eager mode", model.spec.name, model.name)
         return "eager"
+    if mode == "graphs" and plan is not None and plan.forecast:
+        return "compiled"
     if mode == "graphs" and not capturable(model):
         if not _said_no_graphs:
             log.warning("CUDA graphs need a CUDA device; %s on %s runs in compiled mode", model.name, model.device)
@@ -164,12 +167,12 @@ def transformer_forward(
 ) -> Iterator[Forward]:
     """The forward of `mode` (resolved: `resolve_mode`) for one generation, with the plan attached for as long
     as the block runs."""
-    mode = resolve_mode(model, mode)
+    mode, reuse = resolve_mode(model, mode, plan), reuse_strategy(plan.forecast)
     if mode != "eager":
-        planned = PlannedForward(model, plan, cond, timesteps, compiled=mode != "precomputed")
+        planned = PlannedForward(model, plan, cond, timesteps, compiled=mode != "precomputed", reuse=reuse)
         yield GraphedForward(planned) if mode == "graphs" else planned
         return
-    with branch_cache(model.transformer, CacheConfig(plan=plan)) as state:
+    with branch_cache(model.transformer, CacheConfig(plan=plan, reuse=reuse)) as state:
         yield EagerForward(model, cond, state)
 
 

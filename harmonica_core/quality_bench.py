@@ -41,6 +41,7 @@ class QualityBenchConfig:
     samples: int = 500
     fewer_steps: tuple[int, ...] = (14, 10, 7)
     fora: tuple[int, ...] = (2, 3, 4)
+    forecast: tuple[tuple[int, int], ...] = ((2, 1), (3, 1), (3, 2), (4, 1), (4, 2))  # FORA (interval, order)
     delta: tuple[tuple[int, float], ...] = ((2, 0.4), (3, 0.5), (4, 0.6))  # (interval, target usage)
     betas: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_BETAS))
     iterations: int = 380
@@ -91,6 +92,9 @@ def run_quality_bench(config: QualityBenchConfig, out: Path) -> dict[str, Any]:
     layout = model.branch_layout
     for interval in config.fora:
         methods[f"fora n={interval}"] = ("fora", request, make_plan("fora", config.steps, layout, interval=interval))
+    for interval, order in config.forecast:
+        plan = make_plan("fora", config.steps, layout, interval=interval, forecast=order)
+        methods[f"fora n={interval} forecast {order}"] = ("fora+forecast", request, plan)
     for interval, usage in config.delta:
         plan = make_plan("delta", config.steps, layout, interval=interval, usage=usage)
         methods[f"delta n={interval} u={usage:g}"] = ("delta", request, plan)

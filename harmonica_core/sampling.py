@@ -256,7 +256,7 @@ def generate_batch(
         raise ValueError(
             f"the plan is {plan.steps} steps x {plan.branches} branches but this run needs {request.steps} x {branches}"
         )
-    mode = resolve_mode(model, mode)
+    mode = resolve_mode(model, mode, plan)
     cond = model.spec.conditioning(model, request)
     scheduler = model.make_scheduler(request.scheduler, request.steps)
     counts = [images_of(r) for r in requests]

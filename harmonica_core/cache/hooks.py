@@ -3,7 +3,7 @@
 One `BranchHook` wraps each branch module (attn1/attn2/ff) and one `StepHook` on the transformer counts
 the denoising steps. The compute-or-reuse decision is a Python lookup into the plan row of the current
 step, so a reused branch never runs its module and the hot path has no tensor comparison or device sync.
-What a reused branch returns is the config's `ReuseStrategy` (today: its last computed output).
+What a reused branch returns is the config's `ReuseStrategy`: its last computed output, or an extrapolation.
 
 Example:
     >>> with branch_cache(pipe_transformer, CacheConfig(plan=fora_plan(20, n_branches, 3))) as state:
@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +59,47 @@ class CopyReuse:
 
     def recall(self, index: int, step: int) -> torch.Tensor | None:
         return self.values[index]
+
+
+class ForecastReuse:
+    """A reused branch's output extrapolated from its last `order + 1` computed outputs, as a polynomial in the
+    step index through them (Newton's divided differences): order 1 continues the last change linearly, order 2
+    its curvature too (TaylorSeer, arXiv 2503.06923, with step-index differences). Until a branch has that many
+    computed outputs it uses the lower orders it has. Memory: `order` more tensors per branch than copy reuse."""
+
+    def __init__(self, order: int = 1) -> None:
+        if order < 1:
+            raise ValueError(f"a forecast has order 1 or more, got {order} (order 0 is CopyReuse)")
+        self.order = order
+        self.history: list[list[tuple[int, torch.Tensor]]] = []
+
+    def reset(self, branches: int) -> None:
+        self.history = [[] for _ in range(branches)]
+
+    def store(self, index: int, step: int, out: torch.Tensor) -> None:
+        points = self.history[index]
+        if points and points[-1][0] == step:  # stored again within a step (training's mixed output): replace
+            points.pop()
+        points.append((step, out))
+        del points[: -(self.order + 1)]
+
+    def recall(self, index: int, step: int) -> torch.Tensor | None:
+        points = self.history[index]
+        if not points:
+            return None
+        steps = [k for k, _ in points]
+        table = [value for _, value in points]  # divided differences, built in place
+        forecast, basis = table[-1], 1.0
+        for level in range(1, len(points)):
+            table = [(b - a) / (steps[i + level] - steps[i]) for i, (a, b) in enumerate(itertools.pairwise(table))]
+            basis *= step - steps[-level]
+            forecast = forecast + basis * table[-1]
+        return forecast
+
+
+def reuse_strategy(forecast: int) -> ReuseStrategy:
+    """The reuse a plan asks for: copy (0), or a forecast of that order."""
+    return ForecastReuse(forecast) if forecast else CopyReuse()
 
 
 @dataclass

@@ -10,7 +10,7 @@ Torch-free: a router is only handed through to the factories that need one.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .delta import check_delta, delta_plan
@@ -44,14 +44,19 @@ class MethodSpec:
     check: Callable[..., None] | None = None  # (steps, **params): refuses what no model could plan, without torch
 
     def values(self, **params: Any) -> dict[str, Any]:
-        """The method's parameters from `params`, defaults where absent or None."""
-        return {p.name: p.default if params.get(p.name) is None else params[p.name] for p in self.params}
+        """The method's own parameters from `params`, defaults where absent or None."""
+        return _values(self.params, params)
 
     def plan(self, steps: int, layout: Sequence[str], router: Router | None = None, **params: Any) -> CachePlan:
-        """The plan for `steps` steps of a model with these branches (names `<block>.<kind>`)."""
+        """The plan for `steps` steps of a model with these branches (names `<block>.<kind>`), with the
+        parameters every method takes (`COMMON_PARAMS`)."""
         if self.needs_router and router is None:
             raise ValueError(f"method {self.name!r} needs a router (train one with `harmonica train-router`)")
-        return self.factory(steps, layout, router, **self.values(**params))
+        return replace(self.factory(steps, layout, router, **self.values(**params)), **_values(COMMON_PARAMS, params))
+
+
+def _values(params: Sequence[Param], given: Mapping[str, Any]) -> dict[str, Any]:
+    return {p.name: p.default if given.get(p.name) is None else given[p.name] for p in params}
 
 
 def none_plan(steps: int, branches: int) -> CachePlan:
@@ -81,6 +86,15 @@ THRESHOLD = Param(
     "means more computation and higher quality",
 )
 INTERVAL = Param("interval", int, 2, {"ge": 1, "le": 1000}, "compute every N-th step in full, reuse in between")
+FORECAST = Param(
+    "forecast",
+    int,
+    0,
+    {"ge": 0, "le": 2},
+    "what a reused branch returns: 0 its last computed output; 1 or 2 an extrapolation of that order from its "
+    "last computed outputs (TaylorSeer-style; 1 or 2 more cached tensors per branch)",
+)
+COMMON_PARAMS = (FORECAST,)  # every method takes these; they set the plan's fields, not its compute table
 USAGE = Param("usage", float, 0.4, {"gt": 0, "lt": 1}, "target cache usage rate (share of branch evaluations reused)")
 
 
@@ -142,7 +156,7 @@ NEEDS_ROUTER = frozenset(name for name, spec in METHODS.items() if spec.needs_ro
 
 def parameters() -> dict[str, Param]:
     """Every method parameter by name (methods that share a name share the `Param`)."""
-    found: dict[str, Param] = {}
+    found: dict[str, Param] = {param.name: param for param in COMMON_PARAMS}
     for spec in METHODS.values():
         for param in spec.params:
             if found.setdefault(param.name, param) is not param:
@@ -152,6 +166,8 @@ def parameters() -> dict[str, Param]:
 
 def methods_using(param: Param) -> str:
     """The names of the methods that take `param`, for help texts."""
+    if param in COMMON_PARAMS:
+        return "every method"
     return ", ".join(name for name, spec in METHODS.items() if param in spec.params)
 
 

@@ -14,6 +14,7 @@ class CachePlan:
     """
 
     compute: tuple[tuple[bool, ...], ...]
+    forecast: int = 0  # what a reused branch returns: its last output (0), or a forecast of this order
 
     def __post_init__(self) -> None:
         widths = {len(row) for row in self.compute}
@@ -39,5 +40,5 @@ class CachePlan:
         return sum(row.count(False) for row in self.compute) / total if total else 0.0
 
     @classmethod
-    def from_rows(cls, rows: Sequence[Sequence[bool]]) -> CachePlan:
-        return cls(tuple(tuple(bool(c) for c in row) for row in rows))
+    def from_rows(cls, rows: Sequence[Sequence[bool]], forecast: int = 0) -> CachePlan:
+        return cls(tuple(tuple(bool(c) for c in row) for row in rows), forecast)

@@ -34,8 +34,8 @@ def test_delta_lands_near_the_target_usage_and_says_what_it_can_reach():
 
 def test_every_method_states_its_parameters_and_fills_their_defaults():
     params = parameters()
-    assert set(params) == {"threshold", "interval", "usage"}
-    assert methods_using(params["interval"]) == "fora, delta"
+    assert set(params) == {"threshold", "interval", "usage", "forecast"}
+    assert methods_using(params["interval"]) == "fora, delta" and methods_using(params["forecast"]) == "every method"
     assert {"l2c", "harmonica"} == NEEDS_ROUTER
     for spec in METHODS.values():
         assert spec.description and all(p.help and p.bounds for p in spec.params)

@@ -115,6 +115,14 @@ EXAMPLES = {  # each is POSTed by tests/service/test_docs.py and must be accepte
             "acceleration": {"method": "fora", "interval": 3},
         },
     },
+    "forecast": {
+        "summary": "FORA with forecasting: reused branches extrapolated from their last two outputs",
+        "value": {
+            "model": "digits",
+            "class_labels": [4],
+            "acceleration": {"method": "fora", "interval": 3, "forecast": 1},
+        },
+    },
     "none": {"summary": "No cache: the reference images", "value": {"model": "digits", "class_labels": [5], "seed": 1}},
 }
 
