@@ -70,12 +70,14 @@ class GraphCache:
     def grew(self, key: tuple, added: int) -> None:
         """Count `added` bytes to the set at `key`, then evict others, oldest first, while over the limit."""
         self.sets[key].bytes += added
+        evicted = 0
         for old in [k for k in self.sets if k != key]:
             if self.bytes <= self.limit_bytes:
                 break
-            evicted = self.sets.pop(old)
-            log.info("evicted CUDA graphs of %d step patterns (%.0f MiB)", len(evicted.graphs), evicted.bytes / 2**20)
-        if torch.cuda.is_available():
+            dropped = self.sets.pop(old)
+            evicted += 1
+            log.info("evicted CUDA graphs of %d step patterns (%.0f MiB)", len(dropped.graphs), dropped.bytes / 2**20)
+        if evicted and torch.cuda.is_available():  # the dropped pools back to the device; else keep the cache warm
             torch.cuda.empty_cache()
 
 
