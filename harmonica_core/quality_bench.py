@@ -137,15 +137,20 @@ def _with_batch(request: GenerationRequest, batch: int) -> GenerationRequest:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table: PSNR with its bootstrap 95 % interval; Frechet to real digits (realism) and to the
+    uncached samples (fidelity)."""
     lines = [
-        "| method | cache usage | theoretical | realized (CPU) | MSE | PSNR dB | accuracy | Frechet |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | cache usage | theoretical | realized (CPU) | MSE | PSNR dB [95 % CI] | accuracy | Frechet real "
+        "| Frechet uncached |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for r in rows:
+        low, high = r.get("psnr_ci95") or (nan, nan)
         lines.append(
             f"| {r['method']} | {r['cache_usage_rate']:.1%} | {r['theoretical_speedup']:.2f}x | "
-            f"{r['realized_speedup_cpu']:.2f}x | {r['mse']:.2e} | {r['psnr']:.1f} | "
-            f"{r.get('accuracy', float('nan')):.1%} | {r.get('frechet', float('nan')):.2f} |"
+            f"{r['realized_speedup_cpu']:.2f}x | {r['mse']:.2e} | {r['psnr']:.1f} [{low:.1f}, {high:.1f}] | "
+            f"{r.get('accuracy', nan):.1%} | {r.get('frechet', nan):.2f} | {r.get('frechet_fidelity') or nan:.2f} |"
         )
     return "\n".join(lines)
 
@@ -156,7 +161,8 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"none": "k*", "fewer steps": "s-", "fora": "^-", "delta": "x-", "l2c": "v-", "ltc": "D-", "iepo": "o-"}
+    styles = {"none": "k*", "fewer steps": "s-", "fora": "^-", "fora+forecast": "^--", "delta": "x-"}
+    styles |= {"l2c": "v-", "ltc": "D-", "iepo": "o-"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for group, style in styles.items():
         points = sorted((r for r in rows if r["group"] == group), key=lambda r: r["theoretical_speedup"])
@@ -164,10 +170,14 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             continue
         x = [p["theoretical_speedup"] for p in points]
         label = "HarmoniCa (iepo)" if group == "iepo" else group
-        axes[0].plot(x, [min(p["psnr"], 60) for p in points], style, label=label)
-        axes[1].plot(x, [p.get("frechet", float("nan")) for p in points], style, label=label)
-    axes[0].set_ylabel("PSNR vs uncached, dB (higher is better; capped at 60)")
-    axes[1].set_ylabel("Frechet distance to real digits (lower is better)")
+        psnrs = [min(p["psnr"], 60) for p in points]
+        line = axes[0].plot(x, psnrs, style, label=label)[0]
+        if all(p.get("psnr_ci95") for p in points):  # the bootstrap 95 % intervals as a band
+            low, high = ([min(p["psnr_ci95"][i], 60) for p in points] for i in (0, 1))
+            axes[0].fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+        axes[1].plot(x, [p.get("frechet_fidelity") or float("nan") for p in points], style, label=label)
+    axes[0].set_ylabel("PSNR vs uncached, dB, 95 % CI band (capped at 60)")
+    axes[1].set_ylabel("Frechet distance to uncached samples (fidelity; lower is better)")
     for ax in axes:
         ax.set_xlabel("theoretical speedup (MACs)")
         ax.grid(alpha=0.3)
