@@ -1,6 +1,7 @@
 """Router training cost: seconds per router update and peak memory, SDT (iepo) against L2C, each with
 our frozen transformer + no_grad teacher and with the released code's setup (weights take gradients,
-teacher keeps its graph), so the saving is measured.
+teacher keeps its graph), so the saving is measured; and SDT on 2 processes (torchrun, the same global batch
+and the same cores, split: gloo on the CPU, one GPU each with CUDA, measured where 2 GPUs are present).
 
 CPU mode (default): the digits model, T = 20, batch 8.
 GPU mode (--device cuda): a random DiT-XL/2-sized transformer at 256 px, T = 10, batch 8, fp16;
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -23,16 +25,25 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = {
-    "sdt-iepo": ("iepo", True),
-    "sdt-iepo released-style": ("iepo", False),
-    "l2c": ("l2c", True),
-    "l2c released-style": ("l2c", False),
+VARIANTS = {  # objective, frozen, processes
+    "sdt-iepo": ("iepo", True, 1),
+    "sdt-iepo released-style": ("iepo", False, 1),
+    "l2c": ("l2c", True, 1),
+    "l2c released-style": ("l2c", False, 1),
+    "sdt-iepo, 2 processes": ("iepo", True, 2),
 }
 
 
-def measure(variant: str, device: str, steps: int, batch: int) -> dict:
-    """Run one variant in this process: 4 trajectories' worth of updates, two lambda refreshes."""
+def measure(variant: str, device: str, steps: int, batch: int) -> dict | None:
+    """Run one variant in this process (under torchrun, this rank): 4 trajectories' worth of updates, two lambda
+    refreshes. Rank 0 returns the measurement, the other ranks None."""
+    from harmonica_core.distributed import joined
+
+    with joined(device) as (world, device):
+        return _measure(variant, device, steps, batch, world)
+
+
+def _measure(variant: str, device: str, steps: int, batch: int, world) -> dict | None:
     from harmonica_core.train_config import TrainConfig
     from harmonica_core.training import TrainData, default_data, train_router
 
@@ -47,7 +58,7 @@ def measure(variant: str, device: str, steps: int, batch: int) -> dict:
         model = build_model(device)
         generator = torch.Generator().manual_seed(0)
         data = TrainData(samples=torch.randn(64, 4, 32, 32, generator=generator), labels=torch.randint(1000, (64,)))
-    objective, frozen = VARIANTS[variant]
+    objective, frozen, _ = VARIANTS[variant]
     updates = 4 * (steps - 1)
     config = TrainConfig(objective=objective, steps=steps, iterations=updates, batch_size=batch,
                          lambda_every=2 * (steps - 1), frozen=frozen)  # fmt: skip
@@ -61,7 +72,9 @@ def measure(variant: str, device: str, steps: int, batch: int) -> dict:
         stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    train_router(model, config, data, on_progress=stamp)
+    train_router(model, config, data, on_progress=stamp, world=world)
+    if not world.main:
+        return None
     intervals = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)][steps - 1 :]  # skip warm-up
     median = statistics.median(intervals)
     refreshes = [i - median for i in intervals if i > 3 * median]  # intervals that include a lambda refresh
@@ -76,6 +89,7 @@ def measure(variant: str, device: str, steps: int, batch: int) -> dict:
         "lambda_refresh_s": statistics.mean(refreshes) if refreshes else None,
         "peak_memory_gib": peak / 2**30,
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device != "cpu" else "process max RSS",
+        "processes": world.size,
     }
 
 
@@ -84,22 +98,29 @@ def main(args: argparse.Namespace) -> int:
         print("CUDA is not available: GPU mode skipped")
         return 0
     if args.single:
-        print(json.dumps(measure(args.single, args.device, args.steps, args.batch)))
+        row = measure(args.single, args.device, args.steps, args.batch)
+        if row is not None:
+            print(json.dumps(row))
         return 0
-    rows = []
-    for variant in VARIANTS:
-        command = [sys.executable, __file__, "--single", variant, "--device", args.device,
-                   "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    rows, threads = [], torch.get_num_threads()
+    for variant, (_, _, processes) in VARIANTS.items():
+        if args.device != "cpu" and processes > torch.cuda.device_count():
+            print(f"{variant}: not measured ({torch.cuda.device_count()} GPU)", file=sys.stderr)
+            continue
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        command = [sys.executable, *(launcher if processes > 1 else []), __file__, "--single", variant,
+                   "--device", args.device, "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // processes)))  # the same cores, split
+        output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
         print(f"measured {variant}", file=sys.stderr)
     device = torch.cuda.get_device_name() if args.device != "cpu" else "CPU (digits model)"
     result = {"command": "python " + " ".join(sys.argv), "device": device, "torch": torch.__version__,
-              "steps": args.steps, "batch": args.batch, "rows": rows}  # fmt: skip
+              "threads": threads, "steps": args.steps, "batch": args.batch, "rows": rows}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"train_cost_{'cpu' if args.device == 'cpu' else 'gpu'}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{device}, T={args.steps}, batch {args.batch}")
+    print(f"{device}, {threads} torch threads in all, T={args.steps}, global batch {args.batch}")
     print("| variant | s / router update | lambda refresh s | peak memory GiB |\n|---|---|---|---|")
     for r in rows:
         refresh = f"{r['lambda_refresh_s']:.2f}" if r["lambda_refresh_s"] else "-"

@@ -6,6 +6,7 @@ and never loads torch; the modules that run models import their names from here.
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from dataclasses import dataclass
@@ -81,35 +82,38 @@ def builtin_routers() -> dict[tuple[str, int], Path]:
     return routers
 
 
-def read_safetensors_header(path: str | Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's JSON header and the byte offset where its tensor data starts (no torch).
+def read_safetensors_header(source: str | Path | bytes) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the byte offset where its tensor data starts (no torch). `source` is
+    the file, or its content (a router read from an object store, an upload).
 
     The layout is an 8-byte little-endian header length, then the JSON header: tensor name -> dtype, shape,
     data offsets, and `__metadata__` (strings).
     """
-    path = Path(path)
-    with path.open("rb") as handle:
+    name = "the data" if isinstance(source, bytes) else str(source)
+    with io.BytesIO(source) if isinstance(source, bytes) else Path(source).open("rb") as handle:
         raw = handle.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file")
+            raise ValueError(f"{name} is not a safetensors file")
         (length,) = struct.unpack("<Q", raw)
         if length > 10_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header of {length} bytes)")
+            raise ValueError(f"{name} is not a safetensors file (header of {length} bytes)")
         try:
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ValueError(f"{path} is not a safetensors file") from None
+            raise ValueError(f"{name} is not a safetensors file") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a safetensors file")
+        raise ValueError(f"{name} is not a safetensors file")
     return header, 8 + length
 
 
-def read_router_metadata(path: str | Path) -> dict[str, Any]:
-    """A router file's JSON metadata, `__metadata__["harmonica"]` of its header (see `router.save_router`)."""
-    header, _ = read_safetensors_header(path)
+def read_router_metadata(source: str | Path | bytes) -> dict[str, Any]:
+    """A router file's JSON metadata, `__metadata__["harmonica"]` of its header (see `router.save_router`); `source`
+    is the file or its content."""
+    header, _ = read_safetensors_header(source)
     blob = (header.get("__metadata__") or {}).get("harmonica")
     if blob is None:
-        raise ValueError(f"{path} is a safetensors file but not a HarmoniCa router (no 'harmonica' metadata)")
+        name = "the data" if isinstance(source, bytes) else str(source)
+        raise ValueError(f"{name} is a safetensors file but not a HarmoniCa router (no 'harmonica' metadata)")
     metadata = json.loads(blob)
     if metadata.get("format_version", 1) < 2:  # version 1 kept the inference method among the quality numbers
         metadata["method"] = metadata.get("quality", {}).pop("method", "harmonica")

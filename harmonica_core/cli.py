@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 from .cache.methods import METHODS, NEEDS_ROUTER, methods_using, parameters
 from .catalog import DEFAULT_EXECUTION_MODE, EXECUTION_MODES
+from .errors import RankFailed
 from .validation import Limits, RouterInfo, default_class_labels, validate_generation, validate_training
 
 
@@ -83,7 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--checkpoint", type=Path, help="checkpoint file: written per trajectory, resumed from if present")
     tr.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help="samples for the quality numbers")
-    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--device", default="cpu", help="cpu or cuda (with --nproc, process k uses cuda:k)")
+    tr.add_argument(
+        "--nproc",
+        type=_positive,
+        default=1,
+        help="training processes under torchrun (one GPU each with cuda, gloo on the cpu); the batch is split",
+    )
+    tr.add_argument("--progress-file", type=Path, help=argparse.SUPPRESS)  # JSON lines from rank 0, for the worker
     tr.add_argument("--out", type=Path, required=True, help="router file to write (.safetensors)")
 
     mr = commands.add_parser(
@@ -186,18 +196,45 @@ def training_request(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in (names + "eval_samples").split()}
 
 
-def run_train_router(args: argparse.Namespace) -> dict:
-    from tqdm import tqdm
+def training_argv(model: str, config, eval_samples: int, out: Path, checkpoint: Path, device: str) -> list[str]:
+    """`harmonica train-router` arguments for a checked `TrainConfig` (the service's), to run under torchrun."""
+    from .train_config import settings
 
+    argv = ["train-router", "--model", model, "--out", str(out), "--checkpoint", str(checkpoint), "--device", device]
+    for setting in settings():
+        argv += ["--" + setting.name.replace("_", "-"), str(getattr(config, setting.name))]
+    return [*argv, "--eval-samples", str(eval_samples)]
+
+
+def run_train_router(args: argparse.Namespace, argv: list[str]) -> dict | None:
+    """Train in this process, or (--nproc above 1, outside torchrun) start torchrun on this same command."""
+    from .distributed import World, joined, launch
     from .models import load_model
     from .train_config import TrainConfig
-    from .training import TrainProgress, train_and_save
+    from .training import train_and_save
 
     req = validate_training(training_request(args), Limits.from_env(), data=args.data is not None)
     config = TrainConfig(**{name: req[name] for name in TrainConfig.__dataclass_fields__ if name in req})
     config.validate()
-    model = load_model(args.model, device=args.device)
-    data = load_train_data(args, model)
+    World(size=args.nproc).check_batch(config.batch_size)  # the service's HARMONICA_MAX_TRAIN_GPUS is not the CLI's
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        launch(argv, args.nproc, args.device)
+        return None
+    with joined(args.device) as (world, device):
+        model = load_model(args.model, device=device)
+        data = load_train_data(args, model)
+        progress = _progress(config, args.progress_file) if world.main else None
+        with progress or nullcontext() as report:
+            return train_and_save(model, config, args.out, data, args.eval_samples, report, args.checkpoint, world)
+
+
+@contextmanager
+def _progress(config, file: Path | None):
+    """The training progress callback: a bar on stderr, and with `file` one JSON line per report there."""
+    from tqdm import tqdm
+
+    from .training import TrainProgress
+
     with tqdm(total=config.iterations, desc=f"router ({config.objective})", unit="update") as bar:
 
         def progress(p: TrainProgress) -> None:
@@ -206,8 +243,11 @@ def run_train_router(args: argparse.Namespace) -> dict:
                 bar.set_postfix_str(f"estimating lambdas: pass {p.lambda_pass}/{p.lambda_passes}")
             else:
                 bar.set_postfix(loss=f"{p.loss:.3g}", cur=f"{p.cache_usage_rate:.1%}")
+            if file is not None:
+                with file.open("a") as lines:
+                    lines.write(json.dumps(p.as_dict()) + "\n")
 
-        return train_and_save(model, config, args.out, data, args.eval_samples, progress, args.checkpoint)
+        yield progress
 
 
 def load_train_data(args: argparse.Namespace, model):
@@ -311,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train-router":
-            quality = run_train_router(args)
-            print(f"wrote {args.out}: {describe(quality)}")
+            quality = run_train_router(args, sys.argv[1:] if argv is None else argv)
+            if quality is not None:  # a single process, or rank 0 (the launcher and the other ranks say nothing)
+                print(f"wrote {args.out}: {describe(quality)}")
         elif args.command == "measure-router":
             command = "harmonica " + " ".join(sys.argv[1:] if argv is None else argv)
             quality = run_measure_router(args, command)
@@ -365,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
 
             report = train_classifier(args.epochs, args.seed)
             print(f"held-out accuracy {report['test_accuracy']:.2%} on {report['test_images']} real digits")
-    except (CliError, ValueError, FileNotFoundError) as error:
+    except (CliError, ValueError, FileNotFoundError, RankFailed) as error:
         print(f"harmonica: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -11,3 +11,8 @@ class InvalidRequest(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class RankFailed(RuntimeError):
+    """A process of a distributed training run died or failed, and torchrun stopped the others; the checkpoint
+    stays, so a rerun of the same command resumes from it."""

@@ -3,7 +3,8 @@ Learning-to-Cache baseline (ALGORITHM.md §3-5).
 
 One call, `train_router`, serves the CLI and the service: it reports progress through a callback (raise
 `TrainingCancelled` there to stop between updates), writes a checkpoint at every trajectory boundary and
-resumes from it with the same result as an uninterrupted run.
+resumes from it with the same result as an uninterrupted run. Given a `World` of several processes
+(`distributed.py`), each runs its share of every batch and the router's gradients are averaged.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from .cache.hooks import CacheConfig, CacheState, branch_cache
 from .cache.plan import CachePlan
+from .distributed import ALONE, World
 from .families import Conditioning
 from .models import Model
 from .router import Router, RouterMetadata, save_router
@@ -107,28 +109,37 @@ class _Run:
     generator: torch.Generator
     on_progress: ProgressCallback | None
     lambdas: list[float]
+    world: World
     next_refresh: int = 0
-    loss: float | None = None  # of the last update
+    loss: float | None = None  # of the last update (its mean over the ranks)
 
     @cached_property
     def latent(self) -> tuple[int, int, int, int]:
         return self.model.latent_shape(self.config.batch_size, *self.model.check_size(None, None))
+
+    @cached_property
+    def parallel(self) -> torch.nn.Module:
+        """The router as the loss sees it: under DDP when there are several processes."""
+        return self.world.parallel(self.router)
 
     def scheduler(self) -> Any:
         """A fresh scheduler per trajectory: multistep solvers keep per-trajectory state."""
         return self.model.make_scheduler(self.config.scheduler, self.config.steps)
 
     def batch(self) -> tuple[torch.Tensor, Conditioning, torch.Tensor | None]:
-        """Noise x_T, the CFG conditioning, and (L2C) clean samples, all drawn from the run's generator."""
+        """Noise x_T, the CFG conditioning, and (L2C) clean samples, all drawn from the run's generator: the global
+        batch, of which this process keeps its share."""
         b, model, data, generator = self.config.batch_size, self.model, self.data, self.generator
-        noise = torch.randn(self.latent, generator=generator).to(model.device, model.dtype)
+        share = self.world.share
+        noise = share(torch.randn(self.latent, generator=generator)).to(model.device, model.dtype)
         clean = rows = None
         if self.config.objective == "l2c":
             if data.samples is None:
                 raise ValueError("the l2c objective trains from real data: give TrainData.samples")
             rows = torch.randint(len(data.samples), (b,), generator=generator)
-            clean = data.samples[rows].to(model.device, model.dtype)
+            clean = share(data.samples[rows]).to(model.device, model.dtype)
         conditions = model.spec.training_conditions(model, data, b, generator, rows)
+        conditions = {name: share(value) for name, value in conditions.items()}
         request = GenerationRequest(steps=self.config.steps, guidance=self.config.guidance, **conditions)
         return noise, model.spec.conditioning(model, request), clean
 
@@ -153,16 +164,16 @@ class _Run:
     def update(self, loss: torch.Tensor, updates: int) -> int:
         """One optimizer step on the router; reports progress; returns the new update count."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP, the gradient arrives averaged over the ranks
         self.optimizer.step()
         self.router.clamp_()
-        self.loss = loss.item()
+        self.loss = self.world.mean(loss.detach()).item()
         self.report(updates + 1)
         return updates + 1
 
     def report(self, updates: int, lambda_pass: int = 0) -> None:
-        """Progress after an update, or (`lambda_pass` > 0) after a pass of the lambda estimation."""
-        if self.on_progress is None:
+        """Progress after an update, or (`lambda_pass` > 0) after a pass of the lambda estimation; rank 0 reports."""
+        if self.on_progress is None or not self.world.main:
             return
         cur = cache_usage_at(self.router().detach(), self.config.tau)
         lambdas = [] if self.config.objective == "l2c" else list(self.lambdas)
@@ -175,9 +186,10 @@ class _Run:
     def estimate_lambdas(
         self, noise: torch.Tensor, cond: Conditioning, probs: torch.Tensor, updates: int
     ) -> list[float]:
-        """IEPO weights lambda_k (ALGORITHM.md §4); deterministic given the batch, no global RNG touched. Its T
-        full sampling passes are reported one by one: they can take minutes before the first update."""
-        steps, ones = self.config.steps, torch.ones_like(probs)
+        """IEPO weights lambda_k (ALGORITHM.md §4) over the global batch; deterministic given the batch, no global
+        RNG touched. Its T full sampling passes are reported one by one: they can take minutes before the first
+        update."""
+        steps, ones, mse = self.config.steps, torch.ones_like(probs), lambda a, b: self.world.mean(F.mse_loss(a, b))
         result = [0.0] * steps
         if self.config.lambda_mode == "cumulative":
             weights = ones.clone()
@@ -187,7 +199,7 @@ class _Run:
                 weights[k] = probs[k]
                 current = self.final(noise, cond, weights.clone())
                 self.report(updates, lambda_pass=k + 1)
-                result[k] = F.mse_loss(current, previous).item()
+                result[k] = mse(current, previous).item()
                 previous = current
         else:
             cached = self.final(noise, cond, probs)
@@ -195,7 +207,7 @@ class _Run:
             for k in range(1, steps):
                 weights = probs.clone()
                 weights[k] = 1.0
-                result[k] = F.mse_loss(cached, self.final(noise, cond, weights)).item()
+                result[k] = mse(cached, self.final(noise, cond, weights)).item()
                 self.report(updates, lambda_pass=k + 1)
         return result
 
@@ -206,13 +218,15 @@ def train_router(
     data: TrainData | None = None,
     on_progress: ProgressCallback | None = None,
     checkpoint: Path | None = None,
+    world: World = ALONE,
 ) -> Router:
     """Train a router for `model` at `config.steps` steps of `config.scheduler`.
 
-    With `checkpoint`, state is saved there at every trajectory boundary (and at the end) and a run
-    finding a checkpoint of the same config resumes from it.
+    With `checkpoint`, state is saved there at every trajectory boundary (and at the end; by rank 0) and a run
+    finding a checkpoint of the same config resumes from it, whatever the number of processes that wrote it.
     """
     config.validate()
+    world.check_batch(config.batch_size)
     data = data or TrainData()
     generator = torch.Generator().manual_seed(config.seed)
     router = Router(config.steps, len(model.branch_layout), generator=generator).to(model.device)
@@ -234,15 +248,17 @@ def train_router(
     model.transformer.requires_grad_(not config.frozen)
     try:
         with branch_cache(model.transformer, soft) as state:
-            run = _Run(model, config, data, state, router, optimizer, generator, on_progress, lambdas, next_refresh)
+            run = _Run(
+                model, config, data, state, router, optimizer, generator, on_progress, lambdas, world, next_refresh
+            )
             while updates < config.iterations:
-                if checkpoint is not None:
+                if checkpoint is not None and world.main:
                     _save(checkpoint, run, updates)
                 updates = step(run, updates)
     finally:
         model.transformer.requires_grad_(False)
         model.transformer.zero_grad(set_to_none=True)
-    if checkpoint is not None:
+    if checkpoint is not None and world.main:
         _save(checkpoint, run, updates)
     return router
 
@@ -264,7 +280,7 @@ def _sdt_trajectory(run: _Run, updates: int) -> int:
                 eps = run.eps(scheduler, x, t, cond)
         else:
             target = run.eps(scheduler, x, t, cond, teacher=True)
-            probs = router()
+            probs = run.parallel()
             state.use_weights(probs)
             eps = run.eps(scheduler, x, t, cond)
             updates = run.update(run.lambdas[k] * F.mse_loss(eps, target) + config.beta * probs[k].sum(), updates)
@@ -286,7 +302,7 @@ def _l2c_update(run: _Run, updates: int) -> int:
     noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
     t_prev, t = scheduler.timesteps[k - 1], scheduler.timesteps[k]
     state.restart(at_step=k - 1)  # a full step k - 1 fills the cache
-    probs = run.router()
+    probs = run.parallel()
     weights = torch.ones_like(probs).index_copy(0, torch.tensor([k], device=probs.device), probs[k : k + 1])
     state.use_weights(weights)
     with torch.no_grad():
@@ -342,15 +358,19 @@ def train_and_save(
     eval_samples: int = 100,
     on_progress: ProgressCallback | None = None,
     checkpoint: Path | None = None,
-) -> dict[str, Any]:
+    world: World = ALONE,
+) -> dict[str, Any] | None:
     """Train, measure the router's plan against uncached generation, and write the router file.
 
-    The file's metadata records the full training config, its duration and the measured quality.
+    The file's metadata records the full training config, its duration and the measured quality. Among several
+    processes, rank 0 measures and writes; the others return None.
     """
     data = data or default_data(model, config.objective)
     start = time.perf_counter()
-    router = train_router(model, config, data, on_progress, checkpoint)
+    router = train_router(model, config, data, on_progress, checkpoint, world)
     seconds = time.perf_counter() - start
+    if not world.main:
+        return None
     method = plan_method(config.objective)
     plan, quality = router_quality(model, router, method, config.tau, config, eval_samples, data)
     metadata = RouterMetadata(
@@ -358,7 +378,7 @@ def train_and_save(
         method=method,
         threshold=config.tau,
         model_name=model.name,
-        training=asdict(config) | {"seconds": round(seconds, 2)},
+        training=asdict(config) | {"seconds": round(seconds, 2), "processes": world.size},
         quality=quality,
         plan=[list(row) for row in plan.compute],
     )

@@ -48,6 +48,7 @@ class Limits:
     max_train_iterations: int = field(default=20000, metadata={"ge": 1})
     max_train_batch_size: int = field(default=64, metadata={"ge": 1})
     max_eval_samples: int = field(default=500, metadata={"ge": 1})
+    max_train_gpus: int = field(default=1, metadata={"ge": 1})  # processes of one training job (GPUs on CUDA)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -105,6 +106,7 @@ TRAINING_BOUNDS: dict[str, dict[str, float]] = {
     "guidance": _GUIDANCE,
     "seed": _SEED,
     "eval_samples": {"ge": 1},
+    "gpus": {"ge": 1},
 }
 _HOLDS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
 _SYMBOL = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -284,9 +286,12 @@ def validate_training(request: Mapping[str, Any], limits: Limits | None, *, data
         ("iterations", "max_train_iterations"),
         ("batch_size", "max_train_batch_size"),
         ("eval_samples", "max_eval_samples"),
+        ("gpus", "max_train_gpus"),
     ):
         if limits is not None and req.get(name) is not None:
             _limit(name, req[name], getattr(limits, limit), name)
+    if req.get("gpus", 1) > 1 and req.get("batch_size", 8) % req["gpus"]:
+        raise InvalidRequest("batch_size", f"batch_size must be a multiple of gpus ({req['gpus']}): each takes a share")
     if req.get("objective") == "l2c" and req.get("model") != "digits" and not data:
         raise InvalidRequest("objective", "l2c trains from real data, which is built in for the digits model only")
     return req

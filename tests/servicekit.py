@@ -62,6 +62,43 @@ def redis_database(tmp: Path) -> Iterator[str]:
 
 
 @contextmanager
+def s3_server(bucket: str = "harmonica") -> Iterator[dict[str, str]]:
+    """An S3-compatible server of the test's own (moto's server mode, in a thread of this process) on a free
+    loopback port, with `bucket` created; yields the service settings that point the artifact store at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    settings = {
+        "HARMONICA_ARTIFACT_STORE": "s3",
+        "HARMONICA_S3_ENDPOINT_URL": f"http://{host}:{port}",
+        "HARMONICA_S3_BUCKET": bucket,
+        "HARMONICA_S3_REGION": "us-east-1",
+        "HARMONICA_S3_ACCESS_KEY_ID": "test-key",
+        "HARMONICA_S3_SECRET_ACCESS_KEY": "test-secret",
+    }
+    try:
+        s3_client(settings).create_bucket(Bucket=bucket)
+        yield settings
+    finally:
+        server.stop()
+
+
+def s3_client(settings: dict[str, str]) -> Any:
+    """A boto3 client of the S3 server that `settings` name, to look at the bucket behind the service's back."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=settings["HARMONICA_S3_ENDPOINT_URL"],
+        region_name=settings["HARMONICA_S3_REGION"],
+        aws_access_key_id=settings["HARMONICA_S3_ACCESS_KEY_ID"],
+        aws_secret_access_key=settings["HARMONICA_S3_SECRET_ACCESS_KEY"],
+    )
+
+
+@contextmanager
 def environment(values: dict[str, str]) -> Iterator[None]:
     """Set variables for this process (the in-process gateway reads its settings from them)."""
     saved = {name: os.environ.get(name) for name in values}

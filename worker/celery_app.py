@@ -26,6 +26,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from app.contract.artifacts import open_store
 from app.contract.jobs import JobStore
 from app.contract.queue import enqueue, make_celery
 from app.contract.reconcile import Reconciler, delete_expired_artifacts
@@ -66,7 +67,8 @@ def _reconcile() -> None:
                 telemetry.record_sweep(sweep)
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + settings.retention_interval
-                removed = delete_expired_artifacts(store, settings.artifacts_dir / "jobs", settings.retention_interval)
+                scratch, min_age = settings.artifacts_dir / "jobs", settings.retention_interval
+                removed = delete_expired_artifacts(store, open_store(settings), scratch, min_age)
                 if removed:
                     log.info("deleted the files of %d expired jobs", len(removed))
         except Exception as error:  # Redis away, a broken message: the next turn tries again

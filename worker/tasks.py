@@ -33,6 +33,7 @@ from celery import Task
 from app.contract.jobs import ACTIVE_STATES, Job, JobStore, now
 from app.contract.kinds import KINDS, JobKind
 from app.contract.settings import Settings, get_settings
+from harmonica_core.errors import RankFailed
 
 from . import telemetry
 from .celery_app import celery, store
@@ -193,12 +194,14 @@ def execute(task: Task, job_id: str, runner: Runner) -> None:
                 for companion in companions
             ]
         try:
-            run(batch, runner, settings, waited)
+            again = run(batch, runner, settings, waited)
         finally:
             for _, companion_lease in batch[1:]:
                 companion_lease.release()
     finally:
         lease.release()
+    if again:  # a rank of its distributed training died: the next delivery resumes from the checkpoint
+        raise task.retry(countdown=1, max_retries=None)
 
 
 def gather(job: Job, token: str, settings: Settings) -> tuple[list[Job], float]:
@@ -228,8 +231,9 @@ def gather(job: Job, token: str, settings: Settings) -> tuple[list[Job], float]:
     return companions, time.monotonic() - start
 
 
-def run(batch: list[tuple[Job, Lease]], runner: Runner, settings: Settings, waited: float) -> None:
-    """Run the batch's jobs together (one job where the kind does not batch) and give each its final state."""
+def run(batch: list[tuple[Job, Lease]], runner: Runner, settings: Settings, waited: float) -> bool:
+    """Run the batch's jobs together (one job where the kind does not batch) and give each its final state; True
+    where the (lone) job must be delivered again instead."""
     jobs = [job for job, _ in batch]
     reports = [reporter(store, job, lease, runner.cancelled) for job, lease in batch]
     with ExitStack() as running:
@@ -240,8 +244,12 @@ def run(batch: list[tuple[Job, Lease]], runner: Runner, settings: Settings, wait
     if runner.batches:
         shared = {"jobs": len(jobs), "rows": sum(job.batch_rows for job in jobs), "wait_s": round(waited, 4)}
         telemetry.record_batch(jobs[0].kind, shared["jobs"], shared["rows"], waited)
+    if len(jobs) == 1 and isinstance(outcomes[0], RankFailed):
+        log.warning("job %s: %s; delivering it again", jobs[0].id, outcomes[0])
+        return True
     for job, outcome in zip(jobs, outcomes, strict=True):
         conclude(job, outcome, runner.cancelled, shared)
+    return False
 
 
 def conclude(job: Job, outcome: Outcome, cancelled: type[Exception], batch: dict[str, Any] | None) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import redis
 from fastapi import Depends, Header, Request
 
+from app.contract.artifacts import open_store
 from app.contract.jobs import JobStore
 from app.contract.queue import make_celery
 from app.contract.registry import RouterRegistry
@@ -27,6 +28,7 @@ class Service:
         self.store = JobStore(self.redis, settings.key_prefix, settings.job_ttl_seconds)
         self.celery = make_celery(settings)
         self.keys = load_keys(settings)
+        self.artifacts = open_store(settings)
 
 
 def get_service(request: Request) -> Service:
@@ -60,7 +62,7 @@ Owner = Annotated[str, Depends(owner)]
 
 def routers(service: ServiceDep, who: Owner) -> RouterRegistry:
     """The routers the caller may use: the built-in ones and those its key trained."""
-    return RouterRegistry(service.settings.routers_dir, who)
+    return RouterRegistry(service.artifacts, who)
 
 
 Routers = Annotated[RouterRegistry, Depends(routers)]

@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
+from app.contract.artifacts import StoreUnavailable
+
 from . import telemetry
 from .schemas import Problem
 
@@ -39,7 +41,7 @@ JOB_RESPONSES = problem_responses(
         413: "request body too large",
         422: "invalid request; `errors` names the fields",
         429: "queue full, or too many active jobs for this key; retry after Retry-After seconds",
-        503: "Redis unreachable",
+        503: "Redis or the artifact store unreachable",
     }
 )
 POST_RESPONSES = {**problem_responses({400: "the body could not be read (not UTF-8)"}), **JOB_RESPONSES}
@@ -111,6 +113,12 @@ async def redis_down(_: Request, error: redis.RedisError) -> JSONResponse:
     return problem(503, "Job store unavailable", "Redis is unreachable; retry shortly", {"Retry-After": "5"})
 
 
+async def store_down(_: Request, error: StoreUnavailable) -> JSONResponse:
+    log.error("artifact store error: %s", error)
+    detail = "the object store is unreachable or refuses the service; retry shortly (the gateway's log says why)"
+    return problem(503, "Artifact store unavailable", detail, {"Retry-After": "10"})
+
+
 def handlers() -> dict[type[Exception], Callable[[Request, Any], Awaitable[Response]]]:
     """The exception handlers `app.main` registers (a fresh dict: FastAPI adds its defaults to it)."""
     return {
@@ -118,4 +126,5 @@ def handlers() -> dict[type[Exception], Callable[[Request, Any], Awaitable[Respo
         RequestValidationError: invalid,
         StarletteHTTPException: http_error,
         redis.RedisError: redis_down,
+        StoreUnavailable: store_down,
     }

@@ -35,6 +35,7 @@ from pathlib import Path
 import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
+from .artifacts import ArtifactStore
 from .jobs import JobStore
 from .kinds import QUEUES
 from .settings import Settings
@@ -139,17 +140,26 @@ class Reconciler:
         log.warning("job %s re-enqueued (%s)", job_id, reason, extra={"job_id": job_id, "kind": kind})
 
 
-def delete_expired_artifacts(store: JobStore, jobs_dir: Path, min_age: float, at: float | None = None) -> list[str]:
-    """Delete the files of jobs whose records have expired (images, a failed training's checkpoint).
+def delete_expired_artifacts(
+    store: JobStore, artifacts: ArtifactStore, scratch: Path, min_age: float, at: float | None = None
+) -> list[str]:
+    """Delete what jobs whose records have expired left: their objects in the artifact store (`jobs/<id>/`: images)
+    and their folders in this worker's scratch `scratch` (a failed training's checkpoint). Returns their ids.
 
-    Only folders older than `min_age` seconds: a job's record always exists before its folder.
+    Only jobs with nothing newer than `min_age` seconds: a job's record always exists before its files.
     """
     at = time.time() if at is None else at
+    newest: dict[str, float] = {}
+    for item in artifacts.list("jobs/"):
+        job_id = item.key.split("/")[1]
+        newest[job_id] = max(newest.get(job_id, 0.0), item.modified)
+    for folder in scratch.iterdir() if scratch.is_dir() else ():
+        if folder.is_dir():
+            newest[folder.name] = max(newest.get(folder.name, 0.0), folder.stat().st_mtime)
     removed = []
-    if not jobs_dir.is_dir():
-        return removed
-    for folder in jobs_dir.iterdir():
-        if folder.is_dir() and at - folder.stat().st_mtime > min_age and store.get(folder.name) is None:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
+    for job_id, modified in sorted(newest.items()):
+        if at - modified > min_age and store.get(job_id) is None:
+            artifacts.delete_prefix(f"jobs/{job_id}/")
+            shutil.rmtree(scratch / job_id, ignore_errors=True)
+            removed.append(job_id)
     return removed

@@ -1,7 +1,7 @@
 """The router registry: built-in routers shipped with the library plus routers trained through the API.
 
-A trained router belongs to the API key that trained it: it lives in the artifact store as
-`routers/<owner>/<id>.safetensors`, and a registry opened for one owner sees the built-in routers and
+A trained router belongs to the API key that trained it: it lives in the artifact store (`app.contract.artifacts`)
+as `routers/<owner>/<id>.safetensors`, and a registry opened for one owner sees the built-in routers and
 that owner's only. Metadata (model, scheduler, steps, training config, measured quality) is read from
 the file header, without torch.
 """
@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 from harmonica_core.catalog import builtin_routers, read_router_metadata, read_safetensors_header
 from harmonica_core.validation import RouterInfo
+
+from .artifacts import ArtifactInfo, ArtifactMissing, ArtifactStore
 
 log = logging.getLogger("harmonica.registry")
 ROUTER_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,95}")
@@ -31,9 +32,14 @@ KEY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 @dataclass(frozen=True)
 class RouterEntry:
     id: str
-    path: Path
-    builtin: bool
     metadata: dict[str, Any]
+    created_at: float
+    file: Path | None = None  # a built-in router: its file in the package
+    key: str | None = None  # one of the owner's: its key in the artifact store
+
+    @property
+    def builtin(self) -> bool:
+        return self.key is None
 
     @cached_property
     def info(self) -> RouterInfo:
@@ -43,6 +49,10 @@ class RouterEntry:
     @property
     def model(self) -> str:
         return self.info.model
+
+    def local_file(self, store: ArtifactStore) -> Path:
+        """A file on this host with the router, for the torch side (harmonica_core loads routers from paths)."""
+        return self.file if self.file is not None else store.local_path(str(self.key))
 
     def summary(self) -> dict[str, Any]:
         training = self.metadata.get("training", {})
@@ -58,7 +68,7 @@ class RouterEntry:
             "branches": len(self.metadata["target"]["branch_layout"]),
             "quality": self.metadata.get("quality", {}),
             "training": training,
-            "created_at": self.path.stat().st_mtime,
+            "created_at": self.created_at,
         }
 
     def detail(self) -> dict[str, Any]:
@@ -75,74 +85,88 @@ def trained_router_id(name: str | None, job_id: str) -> str:
 
 
 class RouterRegistry:
-    """The routers one owner (an API key's name) may use: the built-in ones and those it trained."""
+    """The routers one owner (an API key's name) may use: the built-in ones and those it trained or uploaded."""
 
-    def __init__(self, routers_dir: Path, owner: str) -> None:
+    def __init__(self, store: ArtifactStore, owner: str) -> None:
         if not KEY_NAME.fullmatch(owner):  # the owner names a folder: never `..` or a path
             raise ValueError(f"router owner {owner!r} is not a valid API key name")
-        self.owner_dir = routers_dir / owner
+        self.store, self.prefix = store, f"routers/{owner}/"
 
     def _builtin(self) -> dict[str, Path]:
         return {f"builtin-digits-{path.stem.replace('_', '-').lower()}": path for path in builtin_routers().values()}
 
-    def path_for(self, router_id: str) -> Path:
+    def key_for(self, router_id: str) -> str:
         """Where the owner's trained router with this id is (or will be) stored."""
         if not ROUTER_ID.fullmatch(router_id):
             raise ValueError(f"router id {router_id!r} is not valid (lowercase letters, digits and '-')")
-        return self.owner_dir / f"{router_id}.safetensors"
+        return f"{self.prefix}{router_id}.safetensors"
 
     def get(self, router_id: str) -> RouterEntry | None:
         """A built-in router or one of the owner's; None for another owner's, as for an unknown id."""
         builtin = self._builtin()
         if router_id in builtin:
-            return _entry(router_id, builtin[router_id], builtin=True)
+            return _builtin_entry(router_id, builtin[router_id])
         if not ROUTER_ID.fullmatch(router_id):
             return None
-        path = self.path_for(router_id)
-        return _entry(router_id, path, builtin=False) if path.is_file() else None
+        info = self.store.info(self.key_for(router_id))
+        return None if info is None else self._stored(router_id, info)
 
     def add(self, data: bytes, name: str | None, accept: Callable[[RouterEntry], None]) -> RouterEntry:
         """Store an uploaded router file as the owner's, if `check_router_file` and then `accept` (the caller's
         checks against the served models) pass; raises ValueError saying what is wrong. Its id comes from the
         name and the content, so uploading the same file again gives the same router."""
-        self.owner_dir.mkdir(parents=True, exist_ok=True)
         router_id = trained_router_id(name, "upload:" + hashlib.sha256(data).hexdigest())
-        handle, temporary = tempfile.mkstemp(dir=self.owner_dir, prefix=".upload-")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-            entry = RouterEntry(router_id, Path(temporary), False, check_router_file(Path(temporary)))
-            accept(entry)
-            os.replace(temporary, self.path_for(router_id))  # in the registry whole, or not at all
-        finally:
-            Path(temporary).unlink(missing_ok=True)
-        return RouterEntry(router_id, self.path_for(router_id), False, entry.metadata)
+        entry = RouterEntry(router_id, check_router_file(data), time.time(), key=self.key_for(router_id))
+        accept(entry)
+        self.store.put_bytes(self.key_for(router_id), data)  # in the registry whole, or not at all
+        return entry
+
+    def publish(self, router_id: str, path: Path) -> None:
+        """Move a router file a worker wrote into the owner's registry, where it appears whole or not at all."""
+        self.store.publish(self.key_for(router_id), path)
 
     def remove(self, router_id: str) -> None:
         """Delete one of the owner's routers (KeyError: it has none of that id; PermissionError: a built-in)."""
         entry = self.get(router_id)
         if entry is None:
             raise KeyError(router_id)
-        if entry.builtin:
+        if entry.key is None:
             raise PermissionError(router_id)
-        entry.path.unlink()
+        self.store.delete(entry.key)
 
     def all(self) -> list[RouterEntry]:
         """The built-in routers, then the owner's."""
-        paths = [(router_id, path, True) for router_id, path in self._builtin().items()]
-        if self.owner_dir.is_dir():
-            paths += [(path.stem, path, False) for path in sorted(self.owner_dir.glob("*.safetensors"))]
-        return [entry for entry in (_entry(*args) for args in paths) if entry is not None]
+        entries = [_builtin_entry(router_id, path) for router_id, path in self._builtin().items()]
+        for info in self.store.list(self.prefix):
+            name = info.key.removeprefix(self.prefix)
+            if "/" not in name and name.endswith(".safetensors"):
+                entries.append(self._stored(name.removesuffix(".safetensors"), info))
+        return [entry for entry in entries if entry is not None]
+
+    def _stored(self, router_id: str, info: ArtifactInfo) -> RouterEntry | None:
+        try:
+            metadata = _stored_metadata(self.store, info.key, info.etag)
+        except (ArtifactMissing, OSError, ValueError) as error:  # deleted meanwhile, damaged or foreign
+            log.warning("skipping router %s: %s", info.key, error)
+            return None
+        return RouterEntry(router_id, metadata, info.modified, key=info.key)
 
 
-def check_router_file(path: Path) -> dict[str, Any]:
+@lru_cache(maxsize=1024)
+def _stored_metadata(store: ArtifactStore, key: str, etag: str) -> dict[str, Any]:
+    """A stored router's metadata, read once per version (etag): a listing then costs one request, not one per
+    router, on an object store."""
+    return read_router_metadata(store.get_bytes(key))
+
+
+def check_router_file(data: bytes) -> dict[str, Any]:
     """The metadata of a router file whose header and data agree: HarmoniCa metadata naming its target, and one
     float32 `logits` tensor of steps x branches filling the rest of the file. ValueError says what is wrong."""
-    header, start = read_safetensors_header(path)
-    metadata = read_router_metadata(path)
+    header, start = read_safetensors_header(data)
+    metadata = read_router_metadata(data)
     try:
         steps, branches = int(metadata["target"]["steps"]), len(metadata["target"]["branch_layout"])
-        RouterInfo.from_metadata(path.name, metadata)
+        RouterInfo.from_metadata("upload", metadata)
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"the router metadata is incomplete ({error!r} is missing or malformed)") from None
     size = steps * branches * 4
@@ -150,14 +174,14 @@ def check_router_file(path: Path) -> dict[str, Any]:
     expected = {"logits": {"dtype": "F32", "shape": [steps, branches], "data_offsets": [0, size]}}
     if tensors != expected:
         raise ValueError(f"a router of {steps} steps x {branches} branches holds {expected}, this file {tensors}")
-    if path.stat().st_size != start + size:
-        raise ValueError(f"the file is {path.stat().st_size} bytes; its header says {start + size}")
+    if len(data) != start + size:
+        raise ValueError(f"the file is {len(data)} bytes; its header says {start + size}")
     return metadata
 
 
-def _entry(router_id: str, path: Path, builtin: bool) -> RouterEntry | None:
+def _builtin_entry(router_id: str, path: Path) -> RouterEntry | None:
     try:
-        return RouterEntry(router_id, path, builtin, read_router_metadata(path))
-    except (OSError, ValueError) as error:  # a damaged or foreign file must not break the listing
+        return RouterEntry(router_id, read_router_metadata(path), path.stat().st_mtime, file=path)
+    except (OSError, ValueError) as error:  # a damaged file must not break the listing
         log.warning("skipping router file %s: %s", path, error)
         return None

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, create_model, model_validator
+from pydantic import AliasChoices, Field, SecretStr, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from harmonica_core.catalog import DEFAULT_EXECUTION_MODE, EXECUTION_MODES
@@ -30,7 +30,33 @@ class SettingsBase(BaseSettings):
         validation_alias=AliasChoices("REDIS_URL", "HARMONICA_REDIS_URL"),
         description="broker and job records",
     )
-    artifacts_dir: Path = Field(Path("var/artifacts"), description="images and routers; shared by gateway and workers")
+    artifacts_dir: Path = Field(
+        Path("var/artifacts"),
+        description="the local artifact store (images, routers), shared by gateway and workers; with any store, "
+        "the workers' scratch (training checkpoints) and their cache of routers fetched from the object store",
+    )
+    artifact_store: Literal["local", "s3"] = Field(
+        "local",
+        description="where images and routers live: local (HARMONICA_ARTIFACTS_DIR) or s3 (an S3-compatible object "
+        "store, HARMONICA_S3_*, which workers on other hosts share)",
+    )
+    artifact_redirect: bool = Field(
+        False,
+        description="answer image and router downloads with a 307 to a presigned URL of the object store instead "
+        "of the bytes (s3 only; clients must reach HARMONICA_S3_PUBLIC_ENDPOINT_URL)",
+    )
+    presign_seconds: int = Field(300, ge=1, le=7 * 24 * 3600, description="how long a presigned URL stays valid")
+    s3_endpoint_url: str = Field("", description="the object store's URL (http://minio:9000); empty: AWS S3")
+    s3_public_endpoint_url: str = Field(
+        "", description="the object store's URL as clients reach it, for presigned URLs; empty: the endpoint URL"
+    )
+    s3_bucket: str = Field("harmonica", min_length=3, description="the bucket of the artifacts (it must exist)")
+    s3_prefix: str = Field("", description="folder of every artifact key in the bucket (e.g. `prod/`); empty: none")
+    s3_region: str = Field("us-east-1", description="the bucket's region (MinIO accepts any)")
+    s3_access_key_id: str = Field(
+        "", description="the service's object store credentials; empty: boto3's own (AWS_* variables, instance role)"
+    )
+    s3_secret_access_key: SecretStr = Field(SecretStr(""), description="the secret of HARMONICA_S3_ACCESS_KEY_ID")
     api_keys: str = Field("", description="comma-separated `name:sha256hex` entries (see `python -m app.api.keys`)")
     api_keys_file: Path | None = Field(None, description="file with one `name:sha256hex` entry per line")
     models: str = Field("digits", description="comma-separated models the service accepts")
@@ -74,6 +100,10 @@ class SettingsBase(BaseSettings):
     max_train_iterations: int = Field(**Limits.setting("max_train_iterations"))
     max_train_batch_size: int = Field(**Limits.setting("max_train_batch_size"))
     max_eval_samples: int = Field(**Limits.setting("max_eval_samples"))
+    max_train_gpus: int = Field(
+        **Limits.setting("max_train_gpus"),
+        description="processes one training job may ask for (`gpus`): GPUs of a CUDA worker, gloo processes on a CPU",
+    )
 
     # Delivery (seconds). The visibility timeout must exceed every hard time limit (the fields each job kind
     # adds, below), or a long job is handed to a second worker while it runs.
@@ -131,11 +161,8 @@ class SettingsBase(BaseSettings):
     def webhook_allow_host_set(self) -> set[str]:
         return {host.strip().lower() for host in self.webhook_allow_hosts.split(",") if host.strip()}
 
-    @property
-    def routers_dir(self) -> Path:
-        return self.artifacts_dir / "routers"
-
     def job_dir(self, job_id: str) -> Path:
+        """A job's local scratch folder (with the local store, also where its artifacts are)."""
         return self.artifacts_dir / "jobs" / job_id
 
     def threads_per_process(self, concurrency: int) -> int:

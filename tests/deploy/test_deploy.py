@@ -213,8 +213,10 @@ def exported_series() -> dict[str, str]:
 @needs_compose
 def test_compose_gpu_stack(gpu_stack: dict[str, Any]) -> None:
     services = gpu_stack["services"]
-    assert {"redis", "api", "worker-gen", "worker-train", "prometheus", "grafana"} <= set(services)
-    assert {"redis-data", "artifacts", "hf-cache", "prometheus-data", "grafana-data"} <= set(gpu_stack["volumes"])
+    expected = {"redis", "minio", "minio-init", "api", "worker-gen", "worker-train", "prometheus", "grafana"}
+    assert expected <= set(services)
+    volumes = {"redis-data", "minio-data", "artifacts", "hf-cache", "prometheus-data", "grafana-data"}
+    assert volumes <= set(gpu_stack["volumes"])
 
     redis = services["redis"]
     command = " ".join(redis["command"])
@@ -227,7 +229,23 @@ def test_compose_gpu_stack(gpu_stack: dict[str, Any]) -> None:
     assert api["build"]["dockerfile"] == "docker/Dockerfile.gateway"
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "/healthz" in " ".join(api["healthcheck"]["test"])
-    assert "artifacts:/data/artifacts:rw" in api["volumes"]
+    assert "volumes" not in api  # its artifacts are in MinIO
+
+    env = api["environment"]
+    assert env["HARMONICA_ARTIFACT_STORE"] == "s3" and env["HARMONICA_S3_ENDPOINT_URL"] == "http://minio:9000"
+    minio = services["minio"]
+    assert minio["image"].startswith("minio/minio:RELEASE.") and "ports" not in minio
+    assert minio["command"] == ["server", "/data", "--console-address", ":9001"]
+    assert "minio-data:/data:rw" in minio["volumes"]
+    assert minio["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    root = (minio["environment"]["MINIO_ROOT_USER"], minio["environment"]["MINIO_ROOT_PASSWORD"])
+    assert root == (env["HARMONICA_S3_ACCESS_KEY_ID"], env["HARMONICA_S3_SECRET_ACCESS_KEY"])  # the service's keys
+    init = services["minio-init"]
+    assert init["image"].startswith("minio/mc:RELEASE.") and init["restart"] == "no"
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing" in " ".join(init["command"])
+    assert init["environment"]["BUCKET"] == env["HARMONICA_S3_BUCKET"]
+    assert {init["environment"][k] for k in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")} == set(root)
 
     gpu = {"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}
     for name, queue in (("worker-gen", "gen"), ("worker-train", "train")):
@@ -252,9 +270,11 @@ def test_compose_workers(variant: str, request: pytest.FixtureRequest) -> None:
         assert env["REDIS_URL"] == "redis://redis:6379/0", name
         assert env["HF_HOME"] == "/data/hf" and env["HF_HUB_OFFLINE"] == "1", name
         assert env["REMAP_SIGTERM"] == "SIGQUIT", name
-        assert env["HARMONICA_ARTIFACTS_DIR"] == "/data/artifacts", name
+        assert env["HARMONICA_ARTIFACTS_DIR"] == "/data/artifacts", name  # scratch, or the local store
         assert {"artifacts:/data/artifacts:rw", "hf-cache:/data/hf:rw"} <= set(worker["volumes"]), name
         assert worker["depends_on"]["redis"]["condition"] == "service_healthy", name
+        if env["HARMONICA_ARTIFACT_STORE"] == "s3":  # the bucket exists before a worker writes
+            assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully", name
         assert seconds(worker["stop_grace_period"]) == 75, name
         health = " ".join(worker["healthcheck"]["test"])
         assert "celery" not in health and f":{WORKER_METRICS_PORT}/metrics" in health, name
@@ -271,12 +291,26 @@ def test_compose_cpu_variant(gpu_stack: dict[str, Any], cpu_stack: dict[str, Any
     queues = {svc["command"][svc["command"].index("--queues") + 1] for svc in running.values()}
     assert queues == {"gen", "train"}
     gpu_env = gpu_stack["services"]["worker-gen"]["environment"]
+    # The local folder instead of MinIO: no object store settings, and MinIO not started.
+    object_store = {"HARMONICA_ARTIFACT_REDIRECT", "HARMONICA_PRESIGN_SECONDS"} | {
+        key for key in gpu_env if key.startswith("HARMONICA_S3_")
+    }
+    local_env = {key: value for key, value in gpu_env.items() if key not in object_store}
     for name, worker in running.items():
         assert "deploy" not in worker, f"{name} reserves a GPU in the CPU variant"
         assert worker["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
         # the CPU workers repeat the GPU workers' settings (anchors do not cross files): keep them in step
-        assert worker["environment"] == {**gpu_env, "HARMONICA_DEVICE": "cpu"}, name
-    for name in ("redis", "api", "prometheus", "grafana"):  # unchanged (merging may reorder the volume lists)
+        assert worker["environment"] == {**local_env, "HARMONICA_DEVICE": "cpu", "HARMONICA_ARTIFACT_STORE": "local"}
+        assert "artifacts:/data/artifacts:rw" in worker["volumes"], name
+    api, gpu_api = services["api"], gpu_stack["services"]["api"]
+    assert api["environment"] == {**gpu_api["environment"], "HARMONICA_ARTIFACT_STORE": "local"}
+    assert api["volumes"] == ["artifacts:/data/artifacts:rw"]
+    assert {k: v for k, v in api.items() if k != "volumes"} == {**gpu_api, "environment": api["environment"]}
+    assert services["minio"]["profiles"] == services["minio-init"]["profiles"] == ["s3"]
+    started = {name for name, svc in services.items() if started_by_default(svc)}
+    for name in started:
+        assert set(services[name].get("depends_on", {})) <= started, f"{name} depends on a service not started"
+    for name in ("redis", "prometheus", "grafana"):  # unchanged (merging may reorder the volume lists)
         unordered = [{**s[name], "volumes": sorted(s[name]["volumes"])} for s in (services, gpu_stack["services"])]
         assert unordered[0] == unordered[1], name
 
@@ -401,9 +435,9 @@ def _requirement_closure(lines: list[str]) -> set[str]:
 
 
 # Imported only when installed, by packages that run without them (anyio tries sniffio, httpcore trio, httpx
-# socks): the dev environment has them, as selenium's dependencies, and the images do not. Their own
-# dependencies come with them.
-OPTIONAL_IMPORTS = ["sniffio", "trio", "PySocks"]
+# socks, redis cryptography, botocore certifi): the dev environment has them, as dependencies of selenium, moto
+# and httpx, and the images need not. Their own dependencies come with them.
+OPTIONAL_IMPORTS = ["sniffio", "trio", "PySocks", "cryptography", "certifi"]
 
 
 def _not_installed_by(requirements: list[str], *modules: str) -> dict[str, list[str]]:

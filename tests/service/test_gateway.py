@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from app.api.keys import digest, load_keys
 from app.api.keys import main as keys_cli
+from app.contract.artifacts import LocalStore, open_store
 from app.contract.jobs import new_job_id
 from app.contract.registry import RouterRegistry, trained_router_id
 from app.contract.settings import Settings, get_settings
@@ -193,9 +192,8 @@ def test_models_routers_and_openapi(gateway):
 
 
 def test_a_damaged_router_file_is_skipped_not_a_server_error(gateway):
-    path = RouterRegistry(get_settings().routers_dir, "alice").path_for("broken-1")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    registry = RouterRegistry(open_store(get_settings()), "alice")
+    registry.store.put_bytes(registry.key_for("broken-1"), b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     listing = gateway.get("/routers")
     assert listing.status_code == 200 and "broken-1" not in {r["id"] for r in listing.json()}
     assert_problem(gateway.get("/routers/broken-1"), 404)
@@ -206,9 +204,8 @@ def test_trained_routers_belong_to_the_key_that_trained_them(gateway):
     router_id = trained_router_id("Mine T20", job_id)
     assert router_id == trained_router_id("Mine T20", job_id) != trained_router_id("Mine T20", new_job_id())
     assert router_id.startswith("mine-t20-") and job_id[:8] not in router_id  # the id does not reveal the job
-    target = RouterRegistry(get_settings().routers_dir, "alice").path_for(router_id)  # as the worker stores it
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(builtin_routers()[("ddim", 20)], target)
+    registry = RouterRegistry(open_store(get_settings()), "alice")
+    registry.store.put_bytes(registry.key_for(router_id), builtin_routers()[("ddim", 20)].read_bytes())
 
     def router_ids(headers: dict[str, str]) -> tuple[set[str], set[str]]:
         listed = {r["id"] for r in gateway.get("/routers", headers=headers).json()}
@@ -280,11 +277,11 @@ def test_webhooks_are_refused_while_the_service_has_no_webhook_secret(gateway):
 @pytest.mark.parametrize("name", [".", "..", ".hidden", "a/b", "", "x" * 65])
 def test_key_names_cannot_leave_the_routers_folder(name, tmp_path):
     with pytest.raises(ValueError, match="not a valid API key name"):
-        RouterRegistry(tmp_path, name)
+        RouterRegistry(LocalStore(tmp_path), name)
     with pytest.raises(ValueError, match="name:<64 hex sha256>"):
         load_keys(Settings(api_keys=f"{name}:{digest('hk_x')}"))
     assert keys_cli([name]) == 2
-    assert RouterRegistry(tmp_path, "alice.v2").path_for("r-1") == tmp_path / "alice.v2" / "r-1.safetensors"
+    assert RouterRegistry(LocalStore(tmp_path), "alice.v2").key_for("r-1") == "routers/alice.v2/r-1.safetensors"
 
 
 def test_ready_only_once_a_worker_has_its_model_loaded(gateway):

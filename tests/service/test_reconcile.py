@@ -9,11 +9,12 @@ import time
 import pytest
 import redis
 
+from app.contract.artifacts import LocalStore, S3Store
 from app.contract.jobs import JobStore, new_job_id
 from app.contract.queue import enqueue, make_celery
 from app.contract.reconcile import Reconciler, delete_expired_artifacts, message_job_ids
 from app.contract.settings import Settings
-from tests.servicekit import queued_job, redis_database
+from tests.servicekit import queued_job, redis_database, s3_server
 
 LEASE = 5.0
 
@@ -89,6 +90,7 @@ def test_only_one_process_sweeps_per_interval(store, settings):
 
 
 def test_files_of_expired_jobs_are_deleted_and_others_kept(store, tmp_path):
+    """With the local store, a job's scratch folder and its artifacts are one folder."""
     jobs_dir = tmp_path / "artifacts" / "jobs"
     kept, expired, young = queued_job(store).id, new_job_id(), new_job_id()
     for name in (kept, expired, young):
@@ -96,9 +98,35 @@ def test_files_of_expired_jobs_are_deleted_and_others_kept(store, tmp_path):
         (jobs_dir / name / "checkpoint.pt").write_bytes(b"x")
     old = time.time() - 7200
     for name in (kept, expired):
+        os.utime(jobs_dir / name / "checkpoint.pt", (old, old))
         os.utime(jobs_dir / name, (old, old))
-    assert delete_expired_artifacts(store, jobs_dir, min_age=3600) == [expired]
+    artifacts = LocalStore(tmp_path / "artifacts")
+    assert delete_expired_artifacts(store, artifacts, jobs_dir, min_age=3600) == [expired]
     assert sorted(p.name for p in jobs_dir.iterdir()) == sorted([kept, young])
+
+
+def test_objects_of_expired_jobs_are_deleted_from_the_object_store(store, tmp_path):
+    """With an object store, a job's artifacts are objects and its scratch folder is this worker's."""
+    with s3_server() as s3:
+        artifacts = S3Store(
+            s3["HARMONICA_S3_BUCKET"],
+            "prod/",
+            s3["HARMONICA_S3_ENDPOINT_URL"],
+            access_key_id=s3["HARMONICA_S3_ACCESS_KEY_ID"],
+            secret_access_key=s3["HARMONICA_S3_SECRET_ACCESS_KEY"],
+        )
+        scratch = tmp_path / "artifacts" / "jobs"
+        kept, expired, failed = queued_job(store).id, new_job_id(), new_job_id()
+        for job_id in (kept, expired):
+            artifacts.put_bytes(f"jobs/{job_id}/000.png", b"png")
+            artifacts.put_bytes(f"jobs/{job_id}/grid.png", b"png")
+        (scratch / failed).mkdir(parents=True)  # a training that failed left its checkpoint on this worker
+        (scratch / failed / "checkpoint.pt").write_bytes(b"x")
+        assert delete_expired_artifacts(store, artifacts, scratch, min_age=3600) == []  # all young
+        later = time.time() + 7200
+        assert delete_expired_artifacts(store, artifacts, scratch, 3600, at=later) == sorted([expired, failed])
+        assert {item.key for item in artifacts.list("jobs/")} == {f"jobs/{kept}/000.png", f"jobs/{kept}/grid.png"}
+        assert not (scratch / failed).exists()
 
 
 def test_progress_never_goes_backwards_on_a_redelivered_job(store):

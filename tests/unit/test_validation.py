@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from app.api.routes.generate import GenerateRequest, admit_generate
 from app.api.routes.train import TrainRouterRequest, admit_training
+from app.contract.artifacts import LocalStore
 from app.contract.registry import RouterRegistry
 from app.contract.settings import Settings
 from harmonica_core.catalog import builtin_routers
@@ -38,7 +39,7 @@ def no_limits_in_the_environment(monkeypatch):
 
 def Registry() -> RouterRegistry:
     """The real registry of an owner without trained routers: the built-in ones."""
-    return RouterRegistry(Path("/nonexistent-routers"), "anonymous")
+    return RouterRegistry(LocalStore(Path("/nonexistent-artifacts")), "anonymous")
 
 
 def generation(body: dict) -> dict:

@@ -7,8 +7,11 @@ then discarded, since keeping the batch's shape keeps every cached branch output
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
+from app.contract.artifacts import open_store
 from app.contract.jobs import Job
 from app.contract.registry import RouterRegistry
 from app.contract.settings import Settings
@@ -29,7 +32,7 @@ def _validated(job: Job, settings: Settings) -> tuple[dict[str, Any], Any]:
     with the job's router entry if its method uses one."""
     accel, entry = job.request["acceleration"], None
     if accel["method"] in NEEDS_ROUTER:
-        entry = RouterRegistry(settings.routers_dir, job.owner).get(accel["router_id"])
+        entry = RouterRegistry(open_store(settings), job.owner).get(accel["router_id"])
         if entry is None:
             raise ValueError(f"router {accel['router_id']!r} no longer exists")
     info = None if entry is None else RouterInfo.from_metadata(entry.id, entry.metadata)
@@ -55,7 +58,8 @@ def run_batch(jobs: list[Job], settings: Settings, reports: list[Report]) -> lis
         model = get_model(jobs[members[0]].model, settings)
         router = None
         if entry is not None:
-            router, _ = load_router(entry.path, model.router_target(first["scheduler"], first["steps"]))
+            path = entry.local_file(open_store(settings))
+            router, _ = load_router(path, model.router_target(first["scheduler"], first["steps"]))
         plan = plan_from_request(first["acceleration"], first["steps"], model.branch_layout, router)
 
         def on_step(step: StepReport) -> None:
@@ -79,11 +83,22 @@ def run_batch(jobs: list[Job], settings: Settings, reports: list[Report]) -> lis
         if i not in live:
             continue
         try:  # one job's post-processing fails that job alone
-            req = requests[i]
-            names = save_images(result.images, result.labels, req["num_images"], settings.job_dir(jobs[i].id))
+            req, scratch = requests[i], settings.job_dir(jobs[i].id)
+            names = save_images(result.images, result.labels, req["num_images"], scratch)
+            publish(settings, jobs[i].id, scratch, [*names, "grid.png"])
             telemetry.record_generation(jobs[i].model, method, result.stats, len(names))
             summary = {"images": names, "grid": "grid.png", "captions": result.labels, "method": method}
             outcomes[i] = summary | result.stats.as_dict()
         except Exception as error:
             outcomes[i] = error
     return [outcomes[i] for i in range(len(jobs))]
+
+
+def publish(settings: Settings, job_id: str, scratch: Path, names: list[str]) -> None:
+    """Move a job's images from its scratch folder into the artifact store (where the store is the local folder,
+    they already are in place), then drop the folder if that emptied it."""
+    store = open_store(settings)
+    for name in names:
+        store.publish(f"jobs/{job_id}/{name}", scratch / name)
+    with contextlib.suppress(OSError):  # not empty: the local store's own folder
+        scratch.rmdir()

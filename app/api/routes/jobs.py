@@ -10,12 +10,13 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from app.contract.artifacts import ArtifactMissing
 from app.contract.jobs import EVENT_WAIT_MS, FINAL_STATES, Job
 
 from .. import telemetry
+from ..artifacts import stored
 from ..deps import Owner, Service, ServiceDep
 from ..errors import JOB_RESPONSES, ApiError
 from ..schemas import JobOut, JobPage
@@ -23,7 +24,12 @@ from ..waiting import Prefer, wait_for
 
 router = APIRouter(tags=["jobs"])
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # new_job_id(): uuid4 hex; anything else is no job, without asking Redis
-PNG_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}}, **JOB_RESPONSES}
+PNG_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {}}},
+    307: {"description": "with HARMONICA_ARTIFACT_REDIRECT: the image at a presigned URL of the object store"},
+    **JOB_RESPONSES,
+}
+CACHE_IMMUTABLE = "private, max-age=86400, immutable"  # a job's images never change
 EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis stream entry id
 SSE_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}, **JOB_RESPONSES}
 
@@ -108,31 +114,27 @@ def cancel_job(job_id: str, service: ServiceDep, who: Owner) -> JobOut:
     return JobOut.of(find_job(service, job_id, who))
 
 
-def artifact(service: Service, job: Job, name: str | None, what: str) -> FileResponse:
+def artifact(service: Service, job: Job, name: str | None, what: str) -> Response:
     if job.status != "succeeded" or name is None:
         raise ApiError(404, "Image not found", f"job {job.id} is {job.status}; it has no {what}")
-    path = service.settings.job_dir(job.id) / name
-    if not path.is_file():
-        shared = "the gateway and the workers must share HARMONICA_ARTIFACTS_DIR"
-        raise ApiError(404, "Image not found", f"{what} of job {job.id} is missing from the artifact store; {shared}")
-    headers = {"Cache-Control": "private, max-age=86400, immutable"}
-    return FileResponse(path, media_type="image/png", headers=headers)
+    try:
+        return stored(service, f"jobs/{job.id}/{name}", "image/png", {"Cache-Control": CACHE_IMMUTABLE})
+    except ArtifactMissing:
+        shared = "the gateway and the workers must share one artifact store (HARMONICA_ARTIFACT_STORE)"
+        detail = f"{what} of job {job.id} is missing from the artifact store; {shared}"
+        raise ApiError(404, "Image not found", detail) from None
 
 
-@router.get(
-    "/jobs/{job_id}/images/{n}", response_class=FileResponse, responses=PNG_RESPONSES, summary="Download an image"
-)
-def get_image(job_id: str, n: int, service: ServiceDep, who: Owner) -> FileResponse:
+@router.get("/jobs/{job_id}/images/{n}", response_class=Response, responses=PNG_RESPONSES, summary="Download an image")
+def get_image(job_id: str, n: int, service: ServiceDep, who: Owner) -> Response:
     """The n-th image (from 0) of a succeeded generation job, as PNG."""
     job = find_job(service, job_id, who)
     images = (job.result or {}).get("images", [])
     return artifact(service, job, images[n] if 0 <= n < len(images) else None, f"image {n}")
 
 
-@router.get(
-    "/jobs/{job_id}/grid", response_class=FileResponse, responses=PNG_RESPONSES, summary="Download the image grid"
-)
-def get_grid(job_id: str, service: ServiceDep, who: Owner) -> FileResponse:
+@router.get("/jobs/{job_id}/grid", response_class=Response, responses=PNG_RESPONSES, summary="Download the image grid")
+def get_grid(job_id: str, service: ServiceDep, who: Owner) -> Response:
     """All images of a succeeded generation job on one labelled sheet (a column per label or prompt)."""
     job = find_job(service, job_id, who)
     return artifact(service, job, (job.result or {}).get("grid"), "grid")

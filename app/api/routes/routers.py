@@ -7,14 +7,20 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
+from app.contract.artifacts import ArtifactMissing
 from app.contract.registry import RouterEntry
 
+from ..artifacts import stored
 from ..deps import Routers, ServiceDep
 from ..errors import JOB_RESPONSES, POST_RESPONSES, ApiError
 from ..schemas import RouterDetail, RouterOut
 
 router = APIRouter(tags=["routers"])
-FILE_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"application/octet-stream": {}}}, **JOB_RESPONSES}
+FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}},
+    307: {"description": "with HARMONICA_ARTIFACT_REDIRECT: the file at a presigned URL of the object store"},
+    **JOB_RESPONSES,
+}
 UPLOAD_BODY = {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
 
 
@@ -37,13 +43,16 @@ def get_router(router_id: str, registry: Routers) -> dict[str, Any]:
     return found(registry, router_id).detail()
 
 
-@router.get(
-    "/routers/{router_id}/file", response_class=FileResponse, responses=FILE_RESPONSES, summary="Download a router"
-)
-def download_router(router_id: str, registry: Routers) -> FileResponse:
+@router.get("/routers/{router_id}/file", response_class=Response, responses=FILE_RESPONSES, summary="Download a router")
+def download_router(router_id: str, service: ServiceDep, registry: Routers) -> Response:
     """The router file (safetensors: the logits and the metadata), as `harmonica generate --router` reads it."""
-    entry = found(registry, router_id)
-    return FileResponse(entry.path, media_type="application/octet-stream", filename=f"{router_id}.safetensors")
+    entry, filename = found(registry, router_id), f"{router_id}.safetensors"
+    if entry.file is not None:  # a built-in one, shipped with the gateway
+        return FileResponse(entry.file, media_type="application/octet-stream", filename=filename)
+    try:
+        return stored(service, str(entry.key), "application/octet-stream", {}, filename)
+    except ArtifactMissing:  # deleted since the look
+        raise ApiError(404, "Router not found", f"no router {router_id!r}; GET /routers lists them") from None
 
 
 @router.post(

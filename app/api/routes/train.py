@@ -32,6 +32,16 @@ def _train_request() -> type[Strict]:
         int,
         Field(EVAL_SAMPLES, **TRAIN["eval_samples"], description="images generated to measure the router's quality"),
     )
+    fields["gpus"] = (
+        int,
+        Field(
+            1,
+            **TRAIN["gpus"],
+            description="processes that train the router together (torch.distributed): one GPU each on a CUDA "
+            "worker, gloo processes on a CPU one; the batch is split among them, so batch_size must be a multiple. "
+            "At most HARMONICA_MAX_TRAIN_GPUS (default 1)",
+        ),
+    )
     name = Field(
         None, max_length=60, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$", description="readable prefix of the router id"
     )
