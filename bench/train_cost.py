@@ -62,22 +62,29 @@ def _measure(variant: str, device: str, steps: int, batch: int, world) -> dict |
     updates = 4 * (steps - 1)
     config = TrainConfig(objective=objective, steps=steps, iterations=updates, batch_size=batch,
                          lambda_every=2 * (steps - 1), frozen=frozen)  # fmt: skip
-    stamps: list[float] = []
+    events: list[tuple[str, int, float]] = []  # (phase, lambda pass, time) of every progress report
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
 
-    def stamp(_progress) -> None:
+    def stamp(progress) -> None:
         sync()
-        stamps.append(time.perf_counter())
+        events.append((progress.phase, progress.lambda_pass, time.perf_counter()))
 
     start = time.perf_counter()
     train_router(model, config, data, on_progress=stamp, world=world)
     if not world.main:
         return None
-    intervals = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)][steps - 1 :]  # skip warm-up
-    median = statistics.median(intervals)
-    refreshes = [i - median for i in intervals if i > 3 * median]  # intervals that include a lambda refresh
+    updates, refreshes, before = [], [], start
+    for phase, lambda_pass, at in events:
+        if phase == "updates":
+            updates.append(at - before)  # since the last report: one update (a refresh's passes come before it)
+        elif lambda_pass == 1:
+            refresh_start = before
+        elif lambda_pass == steps:
+            refreshes.append(at - refresh_start)  # the T sampling passes of one lambda estimation
+        before = at
+    median = statistics.median(updates[steps - 1 :])  # after one warm-up trajectory
     peak = (
         torch.cuda.max_memory_allocated()
         if device != "cpu"
@@ -86,7 +93,7 @@ def _measure(variant: str, device: str, steps: int, batch: int, world) -> dict |
     return {
         "variant": variant,
         "update_s": median,
-        "lambda_refresh_s": statistics.mean(refreshes) if refreshes else None,
+        "lambda_refresh_s": statistics.mean(refreshes[1:] or refreshes) if refreshes else None,  # 1st: warm-up
         "peak_memory_gib": peak / 2**30,
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device != "cpu" else "process max RSS",
         "processes": world.size,
