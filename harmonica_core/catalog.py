@@ -28,7 +28,7 @@ OBJECTIVES = {
     "ltc": "SDT with lambda_k = 1 (the paper's ablation)",
     "l2c": "Learning-to-Cache: per-step training from noised real data, alternating inference",
 }
-LAMBDA_MODES = ("cumulative", "leave_one_out")
+LAMBDA_MODES = ("cumulative", "leave_one_out", "gain")
 DIGITS_WEIGHTS = Path(__file__).parent / "digits" / "weights"
 BUILTIN_ROUTERS_DIR = DIGITS_WEIGHTS / "routers"
 

@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINED_BY_THE_BENCH = ("model", "steps", "scheduler", "iterations", "batch_size", "lr", "lambda_every", "guidance")
 ROUTER_HELP = "--router PATH (train one with `harmonica train-router`, or 'builtin' for digits)"
 
 
@@ -192,8 +193,10 @@ def builtin_router(model: str, scheduler: str, steps: int) -> Path:
 
 def training_request(args: argparse.Namespace) -> dict:
     """The arguments as the API's training request body, so both are validated alike."""
-    names = "model objective steps scheduler iterations batch_size lr beta tau lambda_every lambda_mode guidance seed "
-    return {name: getattr(args, name) for name in (names + "eval_samples").split()}
+    from .train_config import settings
+
+    names = ["model", *(setting.name for setting in settings()), "eval_samples"]
+    return {name: getattr(args, name) for name in names}
 
 
 def training_argv(model: str, config, eval_samples: int, out: Path, checkpoint: Path, device: str) -> list[str]:
@@ -202,7 +205,8 @@ def training_argv(model: str, config, eval_samples: int, out: Path, checkpoint: 
 
     argv = ["train-router", "--model", model, "--out", str(out), "--checkpoint", str(checkpoint), "--device", device]
     for setting in settings():
-        argv += ["--" + setting.name.replace("_", "-"), str(getattr(config, setting.name))]
+        if getattr(config, setting.name) is not None:  # an unset optional setting stays unset
+            argv += ["--" + setting.name.replace("_", "-"), str(getattr(config, setting.name))]
     return [*argv, "--eval-samples", str(eval_samples)]
 
 
@@ -242,7 +246,9 @@ def _progress(config, file: Path | None):
             if p.phase == "lambdas":  # full sampling passes: the bar waits, and says why
                 bar.set_postfix_str(f"estimating lambdas: pass {p.lambda_pass}/{p.lambda_passes}")
             else:
-                bar.set_postfix(loss=f"{p.loss:.3g}", cur=f"{p.cache_usage_rate:.1%}")
+                bar.set_postfix(
+                    loss=f"{p.loss:.3g}", cur=f"{p.cache_usage_rate:.1%}", speedup=f"{p.theoretical_speedup:.2f}x"
+                )
             if file is not None:
                 with file.open("a") as lines:
                     lines.write(json.dumps(p.as_dict()) + "\n")
@@ -298,9 +304,10 @@ def run_measure_router(args: argparse.Namespace, command: str) -> dict:
 def describe(quality: dict) -> str:
     """A router's measured quality in one line."""
     accuracy = f", accuracy {quality['accuracy']:.1%}" if "accuracy" in quality else ""
+    interval = " [{:.1f}, {:.1f}]".format(*quality["psnr_ci95"]) if quality.get("psnr_ci95") else ""
     return (
         f"cache usage {quality['cache_usage_rate']:.1%}, theoretical speedup {quality['theoretical_speedup']:.2f}x, "
-        f"PSNR {quality['psnr']:.1f} dB vs uncached{accuracy}"
+        f"PSNR {quality['psnr']:.1f}{interval} dB vs uncached{accuracy}"
     )
 
 
@@ -368,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             if args.only is not None:
                 config = only_groups(config, args.only)
+            trained = {name: value for name, value in asdict(config).items() if name in TRAINED_BY_THE_BENCH}
             for objective in config.betas:  # every router the sweep trains, before the model loads
-                validate_training({**asdict(config), "objective": objective}, Limits.from_env())
+                validate_training({**trained, "objective": objective}, Limits.from_env())
             result = run_quality_bench(config, args.out)
             print(format_table(result["rows"]))
             print(f"command: {result['command']}\nwrote {args.out}/quality_{args.model}_T{args.steps}.{{json,png}}")

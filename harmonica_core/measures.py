@@ -28,8 +28,11 @@ def psnr_interval(
     overlap. Deterministic given `seed`."""
     errors = ((images.double() - reference.double()) ** 2).flatten(1).mean(1)  # per sample
     rows = torch.randint(len(errors), (resamples, len(errors)), generator=torch.Generator().manual_seed(seed))
-    means = errors[rows].mean(1).clamp_min(1e-300)
-    low, high = torch.quantile(10 * torch.log10(1 / means), torch.tensor([(1 - level) / 2, (1 + level) / 2]).double())
+    means = errors[rows].mean(1)
+    if not means.gt(0).any():  # identical images: PSNR is infinite in every resample
+        return math.inf, math.inf
+    psnrs = 10 * torch.log10(1 / means)  # a resample of only identical images is inf
+    low, high = torch.quantile(psnrs, torch.tensor([(1 - level) / 2, (1 + level) / 2]).double())
     return low.item(), high.item()
 
 

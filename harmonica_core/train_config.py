@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, get_type_hints
+from types import NoneType
+from typing import Any, get_args, get_type_hints
 
 from .cache.methods import DEFAULT_THRESHOLD
 from .catalog import LAMBDA_MODES, OBJECTIVES, SCHEDULER_NAMES
@@ -47,6 +48,20 @@ class TrainConfig:
     lambda_mode: str = field(
         default="cumulative", metadata=_help("iepo: how the proxy weights are measured", LAMBDA_MODES)
     )
+    forecast: int = field(
+        default=0,
+        metadata=_help(
+            "what a reused branch returns, in training and then at inference: 0 its last output, 1 or 2 a forecast "
+            "of that order (the router learns where forecasting is safe)"
+        ),
+    )
+    target_speedup: float | None = field(
+        default=None,
+        metadata=_help(
+            "aim the router at this theoretical speedup (MACs, e.g. 2.0): beta is adapted at every update (dual "
+            "ascent on the speedup constraint) and `beta` is only where it starts; unset: beta stays as given"
+        ),
+    )
     guidance: float = field(default=1.5, metadata=_help("guidance scale of the trajectories"))
     seed: int = field(default=0, metadata=_help("seed of the training batches"))
     # False: the released code's cost (weights take gradients, teacher keeps a graph); for benchmarks only
@@ -59,7 +74,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Setting:
-    """One user-facing training setting: the CLI flag `--<name>` and the HTTP field `<name>`."""
+    """One user-facing training setting: the CLI flag `--<name>` and the HTTP field `<name>`; `type` is the
+    value's (an optional setting's default is None)."""
 
     name: str
     type: type
@@ -70,7 +86,10 @@ class Setting:
 
 def settings() -> list[Setting]:
     """TrainConfig's user-facing fields, in order, with their types, defaults, help and choices."""
-    types = get_type_hints(TrainConfig)
+    types = {
+        name: next((t for t in get_args(hint) if t is not NoneType), hint)
+        for name, hint in get_type_hints(TrainConfig).items()
+    }
     return [
         Setting(f.name, types[f.name], f.default, f.metadata["help"], f.metadata["choices"])
         for f in fields(TrainConfig)

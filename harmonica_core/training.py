@@ -9,6 +9,7 @@ resumes from it with the same result as an uninterrupted run. Given a `World` of
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .cache.hooks import CacheConfig, CacheState, branch_cache
+from .cache.hooks import CacheConfig, CacheState, branch_cache, reuse_strategy
 from .cache.plan import CachePlan
 from .distributed import ALONE, World
 from .families import Conditioning
@@ -68,10 +69,12 @@ class TrainProgress:
     phase: str = "updates"
     lambda_pass: int = 0
     lambda_passes: int = 0
+    theoretical_speedup: float = 1.0  # of the plan at tau
+    beta: float = 0.0  # the current one (adapted with a target speedup)
 
     def as_dict(self) -> dict[str, Any]:
         """The job progress record (JSON): the lambda-pass fields only in that phase."""
-        keys = ["phase", "iteration", "total", "loss", "cache_usage_rate"]
+        keys = ["phase", "iteration", "total", "loss", "cache_usage_rate", "theoretical_speedup", "beta"]
         keys += ["lambda_pass", "lambda_passes"] if self.phase == "lambdas" else []
         return {key: getattr(self, key) for key in keys}
 
@@ -88,11 +91,44 @@ class _Checkpoint:
     next_refresh: int
     generator: torch.Tensor
     config: dict[str, Any]
+    beta: float | None = None  # adapted towards a target speedup (None in checkpoints from before it)
 
 
 def cache_usage_at(probs: torch.Tensor, tau: float) -> float:
     """Share of router entries at or below the threshold: the planned cache usage rate."""
     return (probs <= tau).float().mean().item()
+
+
+def plan_speedups(model: Model, config: TrainConfig) -> Callable[[torch.Tensor, float], float]:
+    """speedup(router values, threshold): the theoretical speedup (MACs) of the plan they give at the config's
+    steps and guidance; step 0 always computes."""
+    profile = model.mac_profile(*model.check_size(None, None))
+    cfg = config.guidance > 1
+    full = profile.generation_macs(None, config.steps, cfg)
+
+    def speedup(probs: torch.Tensor, threshold: float) -> float:
+        reused = (probs <= threshold).tolist()
+        reused[0] = [False] * len(reused[0])
+        return full / profile.generation_macs(reused, config.steps, cfg)
+
+    return speedup
+
+
+def threshold_for(model: Model, router: Router, config: TrainConfig) -> float:
+    """The inference threshold whose plan comes closest to `config.target_speedup` (tau where none is set).
+
+    Dual ascent steers training towards the target, but the plan at tau trails beta's last moves; the router's
+    ranking of its entries is what it learned, so the threshold that lands the target is read off it: among tau
+    and the router's own values (the only places the plan changes), the closest, and of equals the nearest tau.
+    """
+    if config.target_speedup is None:
+        return config.tau
+    probs, speedup = router().detach(), plan_speedups(model, config)
+    candidates = sorted({config.tau, *probs[1:].flatten().tolist()}, key=lambda t: abs(math.log(t / config.tau)))
+    return min(candidates, key=lambda t: abs(math.log(speedup(probs, t) / config.target_speedup)))
+
+
+DUAL_STEP = 0.05  # beta *= exp(DUAL_STEP * log(target / reached)) per update: x1.035 per update at 2x for 1x
 
 
 @dataclass
@@ -110,12 +146,19 @@ class _Run:
     on_progress: ProgressCallback | None
     lambdas: list[float]
     world: World
+    beta: float
     next_refresh: int = 0
     loss: float | None = None  # of the last update (its mean over the ranks)
 
     @cached_property
     def latent(self) -> tuple[int, int, int, int]:
         return self.model.latent_shape(self.config.batch_size, *self.model.check_size(None, None))
+
+    @cached_property
+    def speedup(self) -> Callable[[torch.Tensor], float]:
+        """The theoretical speedup of the plan router values give at tau."""
+        at = plan_speedups(self.model, self.config)
+        return lambda probs: at(probs, self.config.tau)
 
     @cached_property
     def parallel(self) -> torch.nn.Module:
@@ -151,14 +194,20 @@ class _Run:
             return predict_noise(self.model, scheduler, x, t, cond, self.config.guidance)
 
     @torch.no_grad()
-    def final(self, noise: torch.Tensor, cond: Conditioning, weights: torch.Tensor) -> torch.Tensor:
-        """x_0 (latents/pixels) of a full trajectory with fixed soft router values `weights` [T, N]."""
+    def final(
+        self, noise: torch.Tensor, cond: Conditioning, weights: torch.Tensor, eps: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x_0 (latents/pixels) of a full trajectory with fixed soft router values `weights` [T, N]; each step's
+        noise prediction is appended to `eps` where given."""
         self.state.reset()
         self.state.use_weights(weights)
         scheduler, x = self.scheduler(), noise
         extra = step_kwargs(scheduler, self.config.seed)
         for t in scheduler.timesteps:
-            x = scheduler.step(self.eps(scheduler, x, t, cond), t, x, **extra, return_dict=False)[0]
+            predicted = self.eps(scheduler, x, t, cond)
+            if eps is not None:
+                eps.append(predicted)
+            x = scheduler.step(predicted, t, x, **extra, return_dict=False)[0]
         return x
 
     def update(self, loss: torch.Tensor, updates: int) -> int:
@@ -168,6 +217,9 @@ class _Run:
         self.optimizer.step()
         self.router.clamp_()
         self.loss = self.world.mean(loss.detach()).item()
+        if self.config.target_speedup is not None:  # dual ascent: more reuse pressure while below the target
+            reached = self.speedup(self.router().detach())
+            self.beta *= math.exp(DUAL_STEP * math.log(self.config.target_speedup / reached))
         self.report(updates + 1)
         return updates + 1
 
@@ -175,9 +227,11 @@ class _Run:
         """Progress after an update, or (`lambda_pass` > 0) after a pass of the lambda estimation; rank 0 reports."""
         if self.on_progress is None or not self.world.main:
             return
-        cur = cache_usage_at(self.router().detach(), self.config.tau)
+        probs = self.router().detach()
         lambdas = [] if self.config.objective == "l2c" else list(self.lambdas)
+        cur = cache_usage_at(probs, self.config.tau)
         progress = TrainProgress(updates, self.config.iterations, self.loss, cur, lambdas)
+        progress.theoretical_speedup, progress.beta = self.speedup(probs), self.beta
         if lambda_pass:
             progress.phase, progress.lambda_pass, progress.lambda_passes = "lambdas", lambda_pass, self.config.steps
         self.on_progress(progress)
@@ -188,19 +242,29 @@ class _Run:
     ) -> list[float]:
         """IEPO weights lambda_k (ALGORITHM.md §4) over the global batch; deterministic given the batch, no global
         RNG touched. Its T full sampling passes are reported one by one: they can take minutes before the first
-        update."""
+        update.
+
+        `gain` (ours, not the paper's) divides the cumulative mode's final-image change by the change of the noise
+        prediction at step k that caused it, from the same passes: the image error per unit of step-k error. The
+        paper's lambda is that gain times step k's own current error, which is tiny at early, noisy steps, so a
+        long-held early cache looked cheap to it."""
         steps, ones, mse = self.config.steps, torch.ones_like(probs), lambda a, b: self.world.mean(F.mse_loss(a, b))
         result = [0.0] * steps
-        if self.config.lambda_mode == "cumulative":
-            weights = ones.clone()
-            previous = self.final(noise, cond, weights)
+        if self.config.lambda_mode in ("cumulative", "gain"):
+            weights, gain = ones.clone(), self.config.lambda_mode == "gain"
+            before: list[torch.Tensor] = []
+            previous = self.final(noise, cond, weights, before)
             self.report(updates, lambda_pass=1)
             for k in range(1, steps):
                 weights[k] = probs[k]
-                current = self.final(noise, cond, weights.clone())
+                after: list[torch.Tensor] = []
+                current = self.final(noise, cond, weights.clone(), after)
                 self.report(updates, lambda_pass=k + 1)
                 result[k] = mse(current, previous).item()
-                previous = current
+                if gain:
+                    caused = mse(after[k], before[k]).item()
+                    result[k] = result[k] / caused if caused > 0 else 0.0
+                previous, before = current, after
         else:
             cached = self.final(noise, cond, probs)
             self.report(updates, lambda_pass=1)
@@ -231,7 +295,7 @@ def train_router(
     generator = torch.Generator().manual_seed(config.seed)
     router = Router(config.steps, len(model.branch_layout), generator=generator).to(model.device)
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=0.0)
-    updates, next_refresh = 0, 0
+    updates, next_refresh, beta = 0, 0, config.beta
     lambdas = [1.0] * config.steps
     if checkpoint is not None and checkpoint.is_file():
         saved = _Checkpoint(**torch.load(checkpoint, weights_only=False))
@@ -241,15 +305,29 @@ def train_router(
             router.logits.copy_(saved.logits)
         optimizer.load_state_dict(saved.optimizer)
         updates, lambdas, next_refresh = saved.updates, saved.lambdas, saved.next_refresh
+        beta = config.beta if saved.beta is None else saved.beta
         generator.set_state(saved.generator)
 
-    soft = CacheConfig(soft_weights=router().detach(), update_threshold=config.tau)
+    soft = CacheConfig(
+        soft_weights=router().detach(), update_threshold=config.tau, reuse=reuse_strategy(config.forecast)
+    )
     step = _l2c_update if config.objective == "l2c" else _sdt_trajectory
     model.transformer.requires_grad_(not config.frozen)
     try:
         with branch_cache(model.transformer, soft) as state:
             run = _Run(
-                model, config, data, state, router, optimizer, generator, on_progress, lambdas, world, next_refresh
+                model,
+                config,
+                data,
+                state,
+                router,
+                optimizer,
+                generator,
+                on_progress,
+                lambdas,
+                world,
+                beta,
+                next_refresh,
             )
             while updates < config.iterations:
                 if checkpoint is not None and world.main:
@@ -283,7 +361,7 @@ def _sdt_trajectory(run: _Run, updates: int) -> int:
             probs = run.parallel()
             state.use_weights(probs)
             eps = run.eps(scheduler, x, t, cond)
-            updates = run.update(run.lambdas[k] * F.mse_loss(eps, target) + config.beta * probs[k].sum(), updates)
+            updates = run.update(run.lambdas[k] * F.mse_loss(eps, target) + run.beta * probs[k].sum(), updates)
             eps = eps.detach()
         x = scheduler.step(eps, t, x, **extra, return_dict=False)[0].detach()
         if updates >= config.iterations:
@@ -309,14 +387,14 @@ def _l2c_update(run: _Run, updates: int) -> int:
         run.eps(scheduler, scheduler.add_noise(clean, noise, t_prev[None]), t_prev, cond)
     x = scheduler.add_noise(clean, noise, t[None])
     target = run.eps(scheduler, x, t, cond, teacher=True)
-    return run.update(F.mse_loss(run.eps(scheduler, x, t, cond), target) + config.beta * probs[k].sum(), updates)
+    return run.update(F.mse_loss(run.eps(scheduler, x, t, cond), target) + run.beta * probs[k].sum(), updates)
 
 
 def _save(path: Path, run: _Run, updates: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = _Checkpoint(
         run.router.logits.detach().cpu().clone(), run.optimizer.state_dict(), updates, list(run.lambdas),
-        run.next_refresh, run.generator.get_state(), asdict(run.config),
+        run.next_refresh, run.generator.get_state(), asdict(run.config), run.beta,
     )  # fmt: skip
     tmp = path.with_suffix(".tmp")
     torch.save(asdict(state), tmp)
@@ -342,7 +420,7 @@ def router_quality(
     from .quality import evaluation_request, plan_quality
     from .sampling import generate
 
-    plan = make_plan(method, config.steps, model.branch_layout, router, threshold=threshold)
+    plan = make_plan(method, config.steps, model.branch_layout, router, threshold=threshold, forecast=config.forecast)
     request = evaluation_request(
         model, samples, config.steps, config.scheduler, config.guidance,
         captions=data.captions, prompt_embeddings=data.prompt_embeddings,
@@ -372,11 +450,12 @@ def train_and_save(
     if not world.main:
         return None
     method = plan_method(config.objective)
-    plan, quality = router_quality(model, router, method, config.tau, config, eval_samples, data)
+    threshold = threshold_for(model, router, config)
+    plan, quality = router_quality(model, router, method, threshold, config, eval_samples, data)
     metadata = RouterMetadata(
         target=model.router_target(config.scheduler, config.steps),
         method=method,
-        threshold=config.tau,
+        threshold=threshold,
         model_name=model.name,
         training=asdict(config) | {"seconds": round(seconds, 2), "processes": world.size},
         quality=quality,

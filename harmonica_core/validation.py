@@ -107,6 +107,8 @@ TRAINING_BOUNDS: dict[str, dict[str, float]] = {
     "seed": _SEED,
     "eval_samples": {"ge": 1},
     "gpus": {"ge": 1},
+    "forecast": {"ge": 0, "le": 2},
+    "target_speedup": {"gt": 1, "le": 20},
 }
 _HOLDS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
 _SYMBOL = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -158,6 +160,7 @@ class RouterInfo:
     steps: int
     method: str
     threshold: float
+    forecast: int = 0  # the reuse it was trained with (0: copy)
 
     @classmethod
     def from_metadata(cls, name: str, metadata: Mapping[str, Any]) -> RouterInfo:
@@ -168,6 +171,7 @@ class RouterInfo:
             steps=int(metadata["target"]["steps"]),
             method=metadata["method"],
             threshold=metadata.get("threshold", DEFAULT_THRESHOLD),
+            forecast=int(metadata.get("training", {}).get("forecast", 0)),
         )
 
     @classmethod
@@ -255,6 +259,10 @@ def validate_generation(
         check_router(router, model, req["steps"], req["scheduler"], method)
         if accel.get("threshold") is None:
             accel["threshold"] = router.threshold
+        if accel.get("forecast") is None:  # the reuse the router learned its plan under
+            accel["forecast"] = router.forecast
+    if accel.get("forecast") is None:
+        accel["forecast"] = 0
     return req
 
 
@@ -290,6 +298,10 @@ def validate_training(request: Mapping[str, Any], limits: Limits | None, *, data
     ):
         if limits is not None and req.get(name) is not None:
             _limit(name, req[name], getattr(limits, limit), name)
+    if req.get("target_speedup") is not None and req.get("objective") == "l2c":
+        raise InvalidRequest("target_speedup", "target_speedup is for the iepo and ltc objectives (l2c alternates)")
+    if req.get("target_speedup") is not None and req.get("beta") == 0:
+        raise InvalidRequest("beta", "with target_speedup, beta is where the adapted beta starts: give one above 0")
     if req.get("gpus", 1) > 1 and req.get("batch_size", 8) % req["gpus"]:
         raise InvalidRequest("batch_size", f"batch_size must be a multiple of gpus ({req['gpus']}): each takes a share")
     if req.get("objective") == "l2c" and req.get("model") != "digits" and not data:

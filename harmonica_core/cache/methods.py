@@ -52,7 +52,9 @@ class MethodSpec:
         parameters every method takes (`COMMON_PARAMS`)."""
         if self.needs_router and router is None:
             raise ValueError(f"method {self.name!r} needs a router (train one with `harmonica train-router`)")
-        return replace(self.factory(steps, layout, router, **self.values(**params)), **_values(COMMON_PARAMS, params))
+        plan = self.factory(steps, layout, router, **self.values(**params))
+        common = {p.name: params[p.name] for p in COMMON_PARAMS if params.get(p.name) is not None}
+        return replace(plan, **common)  # None keeps the plan's default (copy)
 
 
 def _values(params: Sequence[Param], given: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,10 +91,11 @@ INTERVAL = Param("interval", int, 2, {"ge": 1, "le": 1000}, "compute every N-th 
 FORECAST = Param(
     "forecast",
     int,
-    0,
+    None,
     {"ge": 0, "le": 2},
     "what a reused branch returns: 0 its last computed output; 1 or 2 an extrapolation of that order from its "
-    "last computed outputs (TaylorSeer-style; 1 or 2 more cached tensors per branch)",
+    "last computed outputs (TaylorSeer-style; 1 or 2 more cached tensors per branch). Default: the router's own "
+    "(what it was trained with) for a router method, else 0",
 )
 COMMON_PARAMS = (FORECAST,)  # every method takes these; they set the plan's fields, not its compute table
 USAGE = Param("usage", float, 0.4, {"gt": 0, "lt": 1}, "target cache usage rate (share of branch evaluations reused)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -62,9 +63,69 @@ def test_progress_reports_the_lambda_passes_before_the_updates_they_precede(digi
     )
     assert [(p.phase, p.iteration, p.lambda_pass) for p in log] == expected
     first = {"phase": "lambdas", "iteration": 0, "total": 12, "loss": None, "lambda_pass": 1, "lambda_passes": 4}
-    assert log[0].as_dict() == first | {"cache_usage_rate": log[0].cache_usage_rate}
+    plan = {"cache_usage_rate": log[0].cache_usage_rate, "theoretical_speedup": log[0].theoretical_speedup}
+    assert log[0].as_dict() == first | plan | {"beta": 1e-6}
     assert log[10].loss == log[9].loss  # a refresh's passes carry the last update's loss
-    assert set(log[-1].as_dict()) == {"phase", "iteration", "total", "loss", "cache_usage_rate"}
+    keys = {"phase", "iteration", "total", "loss", "cache_usage_rate", "theoretical_speedup", "beta"}
+    assert set(log[-1].as_dict()) == keys
+
+
+def test_a_target_speedup_moves_beta_towards_it(digits):
+    for target, beta in ((3.0, 1e-6), (1.01, 1.0)):  # far below the target at the start; far above it soon
+        log: list[TrainProgress] = []
+        train_router(digits, small(objective="ltc", beta=beta, target_speedup=target), on_progress=log.append)
+        updates = [p for p in log if p.phase == "updates"]
+        rises = []
+        for before, after in zip([beta, *(p.beta for p in updates)], updates, strict=False):
+            rises.append(after.beta > before)
+            assert rises[-1] == (after.theoretical_speedup < target)  # more reuse pressure while below, less above
+        assert all(rises) if target == 3.0 else not all(rises)
+
+
+def test_a_target_speedup_lands_by_the_threshold_read_off_the_router(digits):
+    import math
+
+    from harmonica_core.router import Router
+    from harmonica_core.training import plan_speedups, threshold_for
+
+    router, config = Router(8, len(digits.branch_layout), torch.Generator().manual_seed(0)), small(steps=8)
+    probs, speedup = router().detach(), plan_speedups(digits, config)
+    assert threshold_for(digits, router, config) == config.tau  # no target: the training threshold
+    for target in (1.5, 2.0, 3.0):
+        chosen = threshold_for(digits, router, replace(config, target_speedup=target))
+        off = [abs(math.log(speedup(probs, t) / target)) for t in probs[1:].flatten().tolist()]
+        assert abs(math.log(speedup(probs, chosen) / target)) == min(off) < 0.05
+
+
+def test_gain_lambdas_price_each_step_by_its_image_error_per_unit_of_step_error(digits):
+    logs = {}
+    for mode in ("cumulative", "gain"):
+        log: list[TrainProgress] = []
+        train_router(digits, small(lambda_mode=mode, iterations=3), on_progress=log.append)
+        logs[mode] = log[-1].lambdas
+    cumulative, gain = logs["cumulative"], logs["gain"]
+    assert gain[0] == 0 and all(g > 0 for g in gain[1:])
+    # The same passes: lambda_k(gain) = lambda_k(cumulative) / MSE of step k's own eps change, which is smallest at
+    # the early, noisy steps: against the paper's proxy, gain weighs early steps up and late ones down.
+    ratios = [g / c for g, c in zip(gain[1:], cumulative[1:], strict=True)]
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] > 10 * ratios[-1]
+
+
+def test_a_router_trained_with_forecast_records_it_and_generation_defaults_to_it(digits, tmp_path):
+    from app.api.routes.generate import GenerateRequest
+    from harmonica_core.validation import Limits, RouterInfo, validate_generation
+
+    router = tmp_path / "router.safetensors"
+    args = "--steps 4 --iterations 3 --batch-size 2 --beta 1e-4 --forecast 1 --eval-samples 4"
+    assert main(["train-router", *args.split(), "--out", str(router)]) == 0
+    _, metadata = read_router(router)
+    assert metadata.training["forecast"] == 1
+    accel = {"method": "harmonica", "router_id": "r"}
+    request = GenerateRequest(steps=4, acceleration=accel).model_dump()
+    assert request["acceleration"]["forecast"] is None  # not given: the router's own
+    assert validate_generation(request, Limits(), RouterInfo.read(router))["acceleration"]["forecast"] == 1
+    given = GenerateRequest(steps=4, acceleration=accel | {"forecast": 0}).model_dump()
+    assert validate_generation(given, Limits(), RouterInfo.read(router))["acceleration"]["forecast"] == 0
 
 
 def test_larger_beta_gives_more_reuse_and_training_lowers_the_loss(digits):

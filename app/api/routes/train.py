@@ -26,6 +26,7 @@ def _train_request() -> type[Strict]:
     fields: dict[str, Any] = {"model": (str, Field("digits", description="a model from GET /models"))}
     for setting in settings():
         kind = Literal[setting.choices] if setting.choices else setting.type
+        kind = kind if setting.default is not None else kind | None
         bounds = TRAIN.get(setting.name, {})
         fields[setting.name] = (kind, Field(setting.default, **bounds, description=setting.help))
     fields["eval_samples"] = (
