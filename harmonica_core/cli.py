@@ -143,7 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRAINED_BY_THE_BENCH = ("model", "steps", "scheduler", "iterations", "batch_size", "lr", "lambda_every", "guidance")
 ROUTER_HELP = "--router PATH (train one with `harmonica train-router`, or 'builtin' for digits)"
 
 
@@ -375,9 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             if args.only is not None:
                 config = only_groups(config, args.only)
-            trained = {name: value for name, value in asdict(config).items() if name in TRAINED_BY_THE_BENCH}
-            for objective in config.betas:  # every router the sweep trains, before the model loads
-                validate_training({**trained, "objective": objective}, Limits.from_env())
+            for objective, betas in config.betas.items():  # every router the sweep trains, before the model loads
+                for beta in betas:
+                    trained = asdict(config.train_config(objective, beta)) | {"model": config.model}
+                    validate_training(trained, Limits.from_env())
             result = run_quality_bench(config, args.out)
             print(format_table(result["rows"]))
             print(f"command: {result['command']}\nwrote {args.out}/quality_{args.model}_T{args.steps}.{{json,png}}")

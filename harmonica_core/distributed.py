@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,22 +117,24 @@ def launch(
         progress.unlink(missing_ok=True)
         command += ["--progress-file", str(progress)]
     process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
-    seen = 0
-    try:
-        while True:
-            done = process.poll() is not None
-            if progress is not None and on_line is not None and progress.exists():
-                lines = progress.read_text().splitlines(keepends=True)
-                for line in lines[seen:]:
-                    if line.endswith("\n"):  # a line still being written waits for the next look
-                        seen += 1
-                        on_line(json.loads(line))
-            if done:
-                break
-            time.sleep(0.2)
-    except BaseException:
-        _stop(process)
-        raise
+    with ExitStack() as files:
+        lines, partial = None, ""  # the progress file once rank 0 made it; a line still being written
+        try:
+            while True:
+                done = process.poll() is not None
+                if lines is None and progress is not None and on_line is not None and progress.exists():
+                    lines = files.enter_context(progress.open())
+                for line in lines or ():  # only what was appended since the last look
+                    partial += line
+                    if partial.endswith("\n"):
+                        on_line(json.loads(partial))
+                        partial = ""
+                if done:
+                    break
+                time.sleep(0.2)
+        except BaseException:
+            _stop(process)
+            raise
     if process.returncode:
         raise RankFailed(f"distributed training failed: torchrun exited with {process.returncode} (see its log)")
 

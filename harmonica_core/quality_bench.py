@@ -52,6 +52,13 @@ class QualityBenchConfig:
     timing_repeats: int = 3
     seed: int = 1234
 
+    def train_config(self, objective: str, beta: float) -> TrainConfig:
+        """The training config of the sweep's router for `objective` at `beta`."""
+        return TrainConfig(
+            objective=objective, steps=self.steps, scheduler=self.scheduler, iterations=self.iterations,
+            batch_size=self.batch_size, lr=self.lr, beta=beta, lambda_every=self.lambda_every, guidance=self.guidance,
+        )  # fmt: skip
+
 
 def _router_plans(model: Model, config: QualityBenchConfig, out: Path) -> dict[str, tuple[str, CachePlan]]:
     """Train (or reuse) each router of the sweep; returns name -> (group, plan)."""
@@ -62,11 +69,7 @@ def _router_plans(model: Model, config: QualityBenchConfig, out: Path) -> dict[s
             name = f"{objective} beta={beta:g}"
             path = out / "routers" / f"{objective}_beta{beta:g}_T{config.steps}.safetensors"
             if not path.is_file():
-                train = TrainConfig(
-                    objective=objective, steps=config.steps, scheduler=config.scheduler,
-                    iterations=config.iterations, batch_size=config.batch_size, lr=config.lr, beta=beta,
-                    lambda_every=config.lambda_every, guidance=config.guidance,
-                )  # fmt: skip
+                train = config.train_config(objective, beta)
                 with tqdm(total=train.iterations, desc=f"train {name}", unit="update", leave=False) as bar:
                     train_and_save(model, train, path, eval_samples=20, on_progress=lambda p: bar.update(1))
             router, _ = load_router(path, target)

@@ -130,7 +130,7 @@ class RouterRegistry:
         entry = self.get(router_id)
         if entry is None:
             raise KeyError(router_id)
-        if entry.key is None:
+        if entry.builtin:
             raise PermissionError(router_id)
         self.store.delete(entry.key)
 

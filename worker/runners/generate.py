@@ -19,7 +19,7 @@ from harmonica_core.cache.methods import NEEDS_ROUTER, plan_from_request
 from harmonica_core.images import save_images
 from harmonica_core.router import load_router
 from harmonica_core.sampling import GenerationCancelled, GenerationRequest, StepReport, generate_batch
-from harmonica_core.validation import Limits, RouterInfo, validate_generation
+from harmonica_core.validation import Limits, validate_generation
 
 from .. import telemetry
 from ..runner import Outcome, Report, get_model
@@ -35,7 +35,7 @@ def _validated(job: Job, settings: Settings) -> tuple[dict[str, Any], Any]:
         entry = RouterRegistry(open_store(settings), job.owner).get(accel["router_id"])
         if entry is None:
             raise ValueError(f"router {accel['router_id']!r} no longer exists")
-    info = None if entry is None else RouterInfo.from_metadata(entry.id, entry.metadata)
+    info = None if entry is None else entry.info
     return validate_generation(job.request, Limits.of(settings), info), entry
 
 
