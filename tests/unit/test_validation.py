@@ -122,6 +122,10 @@ TRAINING_CASES = [
     (["--lambda-every", "0"], {"lambda_every": 0}, "lambda_every"),
     (["--guidance", "0.5"], {"guidance": 0.5}, "guidance"),
     (["--model", DIT, "--objective", "l2c"], {"model": DIT, "objective": "l2c"}, "objective"),
+    (["--forecast", "3"], {"forecast": 3}, "forecast"),
+    (["--target-speedup", "1"], {"target_speedup": 1.0}, "target_speedup"),
+    (["--objective", "l2c", "--target-speedup", "2"], {"objective": "l2c", "target_speedup": 2.0}, "target_speedup"),
+    (["--target-speedup", "2", "--beta", "0"], {"target_speedup": 2.0, "beta": 0.0}, "beta"),
 ]
 
 
