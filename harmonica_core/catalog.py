@@ -29,6 +29,7 @@ OBJECTIVES = {
     "l2c": "Learning-to-Cache: per-step training from noised real data, alternating inference",
 }
 LAMBDA_MODES = ("cumulative", "leave_one_out", "gain")
+OPTIMIZER_STATES = ("table", "rows")
 DIGITS_WEIGHTS = Path(__file__).parent / "digits" / "weights"
 BUILTIN_ROUTERS_DIR = DIGITS_WEIGHTS / "routers"
 

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--iterations", type=int, default=380, help="router updates per trained router")
     qb.add_argument(
         "--only",
-        help="comma-separated method groups to run beside `none`: fewer-steps, fora, forecast, delta, iepo, ltc, l2c",
+        help="comma-separated method groups to run beside `none`: fewer-steps, fora, forecast, delta, iepo, ltc, l2c, "
+        "target (IEPO routers aimed at target speedups)",
     )
     qb.add_argument("--out", type=Path, default=Path("bench/results"))
 
@@ -329,7 +330,7 @@ def only_groups(config, groups: str):
     from dataclasses import replace
 
     wanted = {group.strip() for group in groups.split(",") if group.strip()}
-    known = {"fewer-steps", "fora", "forecast", "delta", *config.betas}
+    known = {"fewer-steps", "fora", "forecast", "delta", "target", *config.betas}
     if not wanted or wanted - known:
         raise CliError(f"--only takes some of {', '.join(sorted(known))}, got {groups!r}")
     return replace(
@@ -338,6 +339,7 @@ def only_groups(config, groups: str):
         fora=config.fora if "fora" in wanted else (),
         forecast=config.forecast if "forecast" in wanted else (),
         delta=config.delta if "delta" in wanted else (),
+        targets=config.targets if "target" in wanted else (),
         betas={objective: betas for objective, betas in config.betas.items() if objective in wanted},
     )
 
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             written = f"; recorded in {args.router}" if args.write else ""
             print(f"{args.router}: {describe(quality)} over {quality['samples']} samples{written}")
         elif args.command == "bench":
-            from .quality_bench import QualityBenchConfig, format_table, run_quality_bench
+            from .quality_bench import QualityBenchConfig, format_table, format_verdict, run_quality_bench
 
             config = QualityBenchConfig(
                 model=args.model, steps=args.steps, scheduler=args.scheduler, samples=args.samples,
@@ -374,12 +376,11 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             if args.only is not None:
                 config = only_groups(config, args.only)
-            for objective, betas in config.betas.items():  # every router the sweep trains, before the model loads
-                for beta in betas:
-                    trained = asdict(config.train_config(objective, beta)) | {"model": config.model}
-                    validate_training(trained, Limits.from_env())
+            for _, _, train in config.routers().values():  # every router the benchmark trains, before the model loads
+                validate_training(asdict(train) | {"model": config.model}, Limits.from_env())
             result = run_quality_bench(config, args.out)
             print(format_table(result["rows"]))
+            print(format_verdict(result["verdict"], result["rows"]))
             print(f"command: {result['command']}\nwrote {args.out}/quality_{args.model}_T{args.steps}.{{json,png}}")
         elif args.command == "generate":
             summary = run_generate(args)

@@ -1,8 +1,10 @@
 """`harmonica bench quality`: every method from the same noise, quality against speedup (the Pareto picture).
 
-Methods: uncached at T (the reference) and at fewer steps, FORA n = 2, 3, 4, and routers trained with
-the L2C, LTC and IEPO objectives over a sweep of beta. Routers are trained into `<out>/routers/` and
-reused when already there, so a rerun only re-measures.
+Methods: uncached at T (the reference) and at fewer steps, FORA n = 2, 3, 4 (with and without forecast), the
+Delta-DiT-style schedule, routers trained with the L2C, LTC and IEPO objectives over a sweep of beta, and IEPO
+routers aimed at target speedups with our training recipe (`TARGET_RECIPE`) from several seeds. Routers are trained
+into `<out>/routers/` and reused when already there, so a rerun only re-measures. `verdict` states, per cache-usage
+level, whether the best learned router beats the best training-free method (issue #15's floor).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from .timing import Run, interleaved_latencies, realized_speedups
 from .train_config import TrainConfig, plan_method
 from .training import train_and_save
 
+TARGET_RECIPE: dict[str, Any] = {"lambda_mode": "gain", "forecast": 1, "credit_steps": 2}
+TRAINING_FREE = ("fewer steps", "fora", "fora+forecast", "delta")
+LEVELS = (0.4, 0.5, 0.6)  # cache usage levels of the verdict, each +-BAND
+BAND = 0.03
 DEFAULT_BETAS = {
     "iepo": (3e-7, 1e-6, 3e-6, 1e-5),
     "ltc": (3e-3, 1e-2, 3e-2),
@@ -44,6 +50,9 @@ class QualityBenchConfig:
     forecast: tuple[tuple[int, int], ...] = ((2, 1), (3, 1), (3, 2), (4, 1), (4, 2))  # FORA (interval, order)
     delta: tuple[tuple[int, float], ...] = ((2, 0.4), (3, 0.5), (4, 0.6))  # (interval, target usage)
     betas: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_BETAS))
+    targets: tuple[float, ...] = (1.6, 2.0, 2.5)  # theoretical speedups of the recipe's routers
+    target_seeds: tuple[int, ...] = (0, 1, 2)
+    target_iterations: int = 200  # one update per credit window: 20 trajectories, as the sweep's 380
     iterations: int = 380
     batch_size: int = 8
     lr: float = 0.1
@@ -59,22 +68,39 @@ class QualityBenchConfig:
             batch_size=self.batch_size, lr=self.lr, beta=beta, lambda_every=self.lambda_every, guidance=self.guidance,
         )  # fmt: skip
 
+    def target_config(self, speedup: float, seed: int) -> TrainConfig:
+        """The training config of the recipe's router aimed at `speedup`, from `seed`."""
+        base = replace(self.train_config("iepo", 1e-6), iterations=self.target_iterations, seed=seed)
+        return replace(base, **TARGET_RECIPE, target_speedup=speedup, lambda_every=self.target_iterations // 4)
+
+    def routers(self) -> dict[str, tuple[str, str, TrainConfig]]:
+        """Every router the benchmark trains: name -> (group, file stem, training config)."""
+        found = {
+            f"{objective} beta={beta:g}": (objective, f"{objective}_beta{beta:g}", self.train_config(objective, beta))
+            for objective, betas in self.betas.items()
+            for beta in betas
+        }
+        for speedup in self.targets:
+            for seed in self.target_seeds:
+                name = f"iepo target {speedup:g}x seed {seed}"
+                found[name] = ("iepo target", f"iepo_x{speedup:g}_s{seed}", self.target_config(speedup, seed))
+        return found
+
 
 def _router_plans(model: Model, config: QualityBenchConfig, out: Path) -> dict[str, tuple[str, CachePlan]]:
-    """Train (or reuse) each router of the sweep; returns name -> (group, plan)."""
+    """Train (or reuse) each router of the benchmark; returns name -> (group, plan at the router's threshold)."""
     plans = {}
     target = model.router_target(config.scheduler, config.steps)
-    for objective, betas in config.betas.items():
-        for beta in betas:
-            name = f"{objective} beta={beta:g}"
-            path = out / "routers" / f"{objective}_beta{beta:g}_T{config.steps}.safetensors"
-            if not path.is_file():
-                train = config.train_config(objective, beta)
-                with tqdm(total=train.iterations, desc=f"train {name}", unit="update", leave=False) as bar:
-                    train_and_save(model, train, path, eval_samples=20, on_progress=lambda p: bar.update(1))
-            router, _ = load_router(path, target)
-            plan = make_plan(plan_method(objective), config.steps, model.branch_layout, router)
-            plans[name] = (objective, plan)
+    for name, (group, stem, train) in config.routers().items():
+        path = out / "routers" / f"{stem}_T{config.steps}.safetensors"
+        if not path.is_file():
+            with tqdm(total=train.iterations, desc=f"train {name}", unit="update", leave=False) as bar:
+                train_and_save(model, train, path, eval_samples=20, on_progress=lambda p: bar.update(1))
+        router, metadata = load_router(path, target)
+        method = plan_method(train.objective)
+        threshold, forecast = metadata.threshold, train.forecast
+        plan = make_plan(method, config.steps, model.branch_layout, router, threshold=threshold, forecast=forecast)
+        plans[name] = (group, plan)
     return plans
 
 
@@ -122,6 +148,7 @@ def run_quality_bench(config: QualityBenchConfig, out: Path) -> dict[str, Any]:
         "config": asdict(config),
         "reference": {"samples": config.samples, "seed": config.seed},
         "rows": rows,
+        "verdict": verdict(rows, config.steps),
     }
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"quality_{config.model}_T{config.steps}"
@@ -130,6 +157,64 @@ def run_quality_bench(config: QualityBenchConfig, out: Path) -> dict[str, Any]:
         rows, stem.with_suffix(".png"), f"{config.model}, T={config.steps} {config.scheduler}, {config.samples} samples"
     )
     return result
+
+
+def _usage(row: dict[str, Any], steps: int) -> float:
+    """A row's share of skipped branch evaluations: cache usage, or for fewer steps the steps it leaves out."""
+    if row["group"] == "fewer steps":
+        return 1 - int(row["method"].rsplit("=", 1)[1]) / steps
+    return row["cache_usage_rate"]
+
+
+def verdict(rows: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
+    """Per usage level (+-BAND): the best learned router there (by PSNR) against the best training-free method at
+    that usage or more; it wins where its PSNR is at least 1 dB higher, the 95 % intervals are separated, and its
+    Frechet distance to the uncached samples is no worse. A level without a learned router there is not met."""
+    learned = [r for r in rows if r["group"] not in (*TRAINING_FREE, "none")]
+    free = [r for r in rows if r["group"] in TRAINING_FREE]
+    result = []
+    for level in LEVELS:
+        near = [r for r in learned if abs(_usage(r, steps) - level) <= BAND + 1e-9]
+        rival = max((r for r in free if _usage(r, steps) >= level - BAND - 1e-9), key=lambda r: r["psnr"], default=None)
+        best = max(near, key=lambda r: r["psnr"], default=None)
+        entry: dict[str, Any] = {"usage": level, "learned": best and best["method"]}
+        entry["training_free"] = rival and rival["method"]
+        if best is not None and rival is not None:
+            entry |= {
+                "margin_db": best["psnr"] - rival["psnr"],
+                "separated": best["psnr_ci95"][0] > rival["psnr_ci95"][1],
+                "fidelity_no_worse": best["frechet_fidelity"] <= rival["frechet_fidelity"],
+            }
+            entry["holds"] = entry["margin_db"] >= 1 and entry["separated"] and entry["fidelity_no_worse"]
+        else:
+            entry["holds"] = False
+        result.append(entry)
+    return result
+
+
+def format_verdict(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """The verdict as a Markdown table."""
+    by_name = {r["method"]: r for r in rows}
+
+    def cell(name: str | None) -> str:
+        if name is None:
+            return "none there"
+        r = by_name[name]
+        low, high = r["psnr_ci95"]
+        return f"{name}: {r['cache_usage_rate']:.1%}, {r['psnr']:.1f} [{low:.1f}, {high:.1f}] dB"
+
+    lines = [
+        "| usage | best learned | best training-free (at that usage or more) | margin | intervals apart | holds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        margin = f"{e['margin_db']:+.1f} dB" if "margin_db" in e else "-"
+        apart = ("yes" if e["separated"] else "no") if "separated" in e else "-"
+        lines.append(
+            f"| {e['usage']:.0%} +-{BAND:.0%} | {cell(e['learned'])} | {cell(e['training_free'])} | {margin} | "
+            f"{apart} | {'yes' if e['holds'] else 'no'} |"
+        )
+    return "\n".join(lines)
 
 
 def _with_batch(request: GenerationRequest, batch: int) -> GenerationRequest:
@@ -165,7 +250,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     styles = {"none": "k*", "fewer steps": "s-", "fora": "^-", "fora+forecast": "^--", "delta": "x-"}
-    styles |= {"l2c": "v-", "ltc": "D-", "iepo": "o-"}
+    styles |= {"l2c": "v-", "ltc": "D-", "iepo": "o-", "iepo target": "o"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for group, style in styles.items():
         points = sorted((r for r in rows if r["group"] == group), key=lambda r: r["theoretical_speedup"])

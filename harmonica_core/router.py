@@ -37,32 +37,56 @@ class RouterMismatchError(ValueError):
 
 
 class Router(nn.Module):
-    """Logits P [T, N]; r = sigmoid(P) near 1 computes, near 0 reuses. Row 0 is pinned to compute."""
+    """Logits P [T, N]; r = sigmoid(P) near 1 computes, near 0 reuses. Row 0 is pinned to compute.
+
+    Each trained row (steps 1 to T - 1) is a parameter of its own, as in the released code (a router per step),
+    so an optimizer can keep one state and step count per row: a row whose gradient `release_idle_grads` drops
+    does not move on its momentum from earlier updates.
+    """
 
     def __init__(self, steps: int, branches: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         logits = torch.randn(steps, branches, generator=generator)
-        logits[0] = PINNED_LOGIT
-        self.logits = nn.Parameter(logits)
+        self.rows = nn.ParameterList(nn.Parameter(row.clone()) for row in logits[1:])
+        self.register_buffer("pinned", torch.full((1, branches), PINNED_LOGIT))
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """All logits [T, N], row 0 pinned."""
+        return torch.cat([self.pinned, torch.stack(list(self.rows))])
 
     @property
     def steps(self) -> int:
-        return self.logits.shape[0]
+        return len(self.rows) + 1
 
     @property
     def branches(self) -> int:
-        return self.logits.shape[1]
+        return self.pinned.shape[1]
 
     def forward(self) -> torch.Tensor:
         """Router probabilities r [T, N]; row 0 carries no gradient."""
-        pinned = torch.full_like(self.logits[:1], PINNED_LOGIT)
-        return torch.sigmoid(torch.cat([pinned, self.logits[1:]]))
+        return torch.sigmoid(self.logits)
+
+    @torch.no_grad()
+    def load_(self, logits: torch.Tensor) -> None:
+        """Take trained logits [T, N] (row 0 is pinned whatever it holds)."""
+        if tuple(logits.shape) != (self.steps, self.branches):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for a {self.steps} x {self.branches} router")
+        for row, values in zip(self.rows, logits[1:], strict=True):
+            row.copy_(values)
+
+    def release_idle_grads(self) -> None:
+        """Between backward and the optimizer step: rows whose gradient is all zero get none, so the optimizer
+        skips them (the loss of a step reaches only its own row and the rows its cache entries came from)."""
+        for row in self.rows:
+            if row.grad is not None and not row.grad.any():
+                row.grad = None
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        """After each optimizer step: logits back into [-5, 5], row 0 back to its pinned value."""
-        self.logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
-        self.logits[0] = PINNED_LOGIT
+        """After each optimizer step: logits back into [-5, 5]."""
+        for row in self.rows:
+            row.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
     @torch.no_grad()
     def plan(self, threshold: float = DEFAULT_THRESHOLD) -> CachePlan:
@@ -115,8 +139,7 @@ def read_router(path: str | Path) -> tuple[Router, RouterMetadata]:
     metadata = RouterMetadata(**{**data, "target": RouterTarget(**data["target"])})
     logits = load_file(str(path))["logits"]
     router = Router(*logits.shape)
-    with torch.no_grad():
-        router.logits.copy_(logits)
+    router.load_(logits)
     return router, metadata
 
 

@@ -9,7 +9,7 @@ from types import NoneType
 from typing import Any, get_args, get_type_hints
 
 from .cache.methods import DEFAULT_THRESHOLD
-from .catalog import LAMBDA_MODES, OBJECTIVES, SCHEDULER_NAMES
+from .catalog import LAMBDA_MODES, OBJECTIVES, OPTIMIZER_STATES, SCHEDULER_NAMES
 from .validation import validate_training
 
 EVAL_SAMPLES = 100  # images generated to measure a trained router's quality
@@ -23,8 +23,9 @@ def _help(text: str, choices: Sequence[str] = ()) -> dict[str, Any]:
 class TrainConfig:
     """Router training settings; stored in the router file's metadata.
 
-    `iterations` counts router updates (T - 1 per SDT trajectory). `beta` weighs the sum of router
-    values per step (pushes towards reuse); its scale depends on N and on the scale of lambda.
+    `iterations` counts router updates (T - 1 per SDT trajectory, or one per `credit_steps` steps). `beta`
+    weighs the sum of router values per step (pushes towards reuse); its scale depends on N and on the scale of
+    lambda.
     """
 
     objective: str = field(
@@ -60,6 +61,21 @@ class TrainConfig:
         metadata=_help(
             "aim the router at this theoretical speedup (MACs, e.g. 2.0): beta is adapted at every update (dual "
             "ascent on the speedup constraint) and `beta` is only where it starts; unset: beta stays as given"
+        ),
+    )
+    credit_steps: int = field(
+        default=1,
+        metadata=_help(
+            "steps per router update: the loss of each step in the window also reaches the router values that "
+            "refreshed the cache it reads (credit for refreshing); 1 is the paper's one update per step"
+        ),
+    )
+    optimizer_state: str = field(
+        default="table",
+        metadata=_help(
+            "table: one AdamW over all router rows, each stepping at every update (rows move on their momentum); "
+            "rows: one state per row, stepping only when an update reaches it (the released code's)",
+            OPTIMIZER_STATES,
         ),
     )
     guidance: float = field(default=1.5, metadata=_help("guidance scale of the trajectories"))

@@ -214,6 +214,9 @@ class _Run:
         """One optimizer step on the router; reports progress; returns the new update count."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP, the gradient arrives averaged over the ranks
+        self.state.detach()
+        if self.config.optimizer_state == "rows":
+            self.router.release_idle_grads()
         self.optimizer.step()
         self.router.clamp_()
         self.loss = self.world.mean(loss.detach()).item()
@@ -301,8 +304,7 @@ def train_router(
         saved = _Checkpoint(**torch.load(checkpoint, weights_only=False))
         if saved.config != asdict(config):
             raise ValueError(f"checkpoint {checkpoint} was written for another training config; delete it or match it")
-        with torch.no_grad():
-            router.logits.copy_(saved.logits)
+        router.load_(saved.logits)
         optimizer.load_state_dict(saved.optimizer)
         updates, lambdas, next_refresh = saved.updates, saved.lambdas, saved.next_refresh
         beta = config.beta if saved.beta is None else saved.beta
@@ -342,7 +344,10 @@ def train_router(
 
 
 def _sdt_trajectory(run: _Run, updates: int) -> int:
-    """One SDT trajectory (ALGORITHM.md §3): T - 1 router updates, the student driving x_t."""
+    """One SDT trajectory (ALGORITHM.md §3), the student driving x_t: a router update every `credit_steps` steps
+    (T - 1 updates at the paper's 1), on the summed loss of the steps since the last one, which all mix with the
+    same router values; the cache stays in their graph, so a step's error also reaches the values that refreshed
+    the entries it read within the window."""
     config, state, router = run.config, run.state, run.router
     noise, cond, _ = run.batch()
     if config.objective == "iepo" and updates >= run.next_refresh:
@@ -351,6 +356,8 @@ def _sdt_trajectory(run: _Run, updates: int) -> int:
     state.reset()  # a new trajectory starts with an empty cache
     scheduler, x = run.scheduler(), noise
     extra = step_kwargs(scheduler, config.seed)
+    window: list[torch.Tensor] = []  # the losses of the steps since the last update
+    last = len(scheduler.timesteps) - 1
     for k, t in enumerate(scheduler.timesteps):
         if k == 0:  # full compute fills the cache; no loss
             state.use_weights(router().detach())
@@ -358,10 +365,13 @@ def _sdt_trajectory(run: _Run, updates: int) -> int:
                 eps = run.eps(scheduler, x, t, cond)
         else:
             target = run.eps(scheduler, x, t, cond, teacher=True)
-            probs = run.parallel()
-            state.use_weights(probs)
+            if not window:
+                probs = run.parallel()
+                state.use_weights(probs)
             eps = run.eps(scheduler, x, t, cond)
-            updates = run.update(run.lambdas[k] * F.mse_loss(eps, target) + run.beta * probs[k].sum(), updates)
+            window.append(run.lambdas[k] * F.mse_loss(eps, target) + run.beta * probs[k].sum())
+            if len(window) == config.credit_steps or k == last:
+                updates, window = run.update(torch.stack(window).sum(), updates), []
             eps = eps.detach()
         x = scheduler.step(eps, t, x, **extra, return_dict=False)[0].detach()
         if updates >= config.iterations:

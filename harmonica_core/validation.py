@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache.methods import DEFAULT_THRESHOLD, METHODS, NEEDS_ROUTER, parameters
-from .catalog import LAMBDA_MODES, MODELS, OBJECTIVES, SCHEDULER_NAMES, read_router_metadata
+from .catalog import LAMBDA_MODES, MODELS, OBJECTIVES, OPTIMIZER_STATES, SCHEDULER_NAMES, read_router_metadata
 from .errors import InvalidRequest
 from .families import FAMILIES
 
@@ -109,6 +109,7 @@ TRAINING_BOUNDS: dict[str, dict[str, float]] = {
     "gpus": {"ge": 1},
     "forecast": {"ge": 0, "le": 2},
     "target_speedup": {"gt": 1, "le": 20},
+    "credit_steps": {"ge": 1},
 }
 _HOLDS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
 _SYMBOL = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -288,6 +289,7 @@ def validate_training(request: Mapping[str, Any], limits: Limits | None, *, data
     _choice("objective", req.get("objective"), OBJECTIVES)
     _choice("scheduler", req.get("scheduler"), SCHEDULER_NAMES)
     _choice("lambda_mode", req.get("lambda_mode"), LAMBDA_MODES)
+    _choice("optimizer_state", req.get("optimizer_state"), OPTIMIZER_STATES)
     _check_bounds(req, TRAINING_BOUNDS)
     for name, limit in (
         ("steps", "max_steps"),
@@ -302,6 +304,13 @@ def validate_training(request: Mapping[str, Any], limits: Limits | None, *, data
         raise InvalidRequest("target_speedup", "target_speedup is for the iepo and ltc objectives (l2c alternates)")
     if req.get("target_speedup") is not None and req.get("beta") == 0:
         raise InvalidRequest("beta", "with target_speedup, beta is where the adapted beta starts: give one above 0")
+    if req.get("credit_steps", 1) > 1 and req.get("objective") == "l2c":
+        raise InvalidRequest("credit_steps", "credit_steps is for the iepo and ltc objectives (l2c trains one step)")
+    if req.get("credit_steps", 1) > 1 and req["credit_steps"] >= req.get("steps", 20):
+        raise InvalidRequest(
+            "credit_steps",
+            f"credit_steps must be below steps ({req.get('steps', 20)}): a trajectory has steps - 1 trained steps",
+        )
     if req.get("gpus", 1) > 1 and req.get("batch_size", 8) % req["gpus"]:
         raise InvalidRequest("batch_size", f"batch_size must be a multiple of gpus ({req['gpus']}): each takes a share")
     if req.get("objective") == "l2c" and req.get("model") != "digits" and not data:

@@ -36,13 +36,16 @@ class CacheError(ValueError):
 
 class ReuseStrategy(Protocol):
     """What a reused branch returns, from what its computed evaluations left: `store` is called with every
-    computed (or, in training, mixed) output, `recall` for every reused one; `reset` starts a generation."""
+    computed (or, in training, mixed) output, `recall` for every reused one; `reset` starts a generation;
+    `detach` cuts what is stored from the autograd graph (training: after each router update)."""
 
     def reset(self, branches: int) -> None: ...
 
     def store(self, index: int, step: int, out: torch.Tensor) -> None: ...
 
     def recall(self, index: int, step: int) -> torch.Tensor | None: ...
+
+    def detach(self) -> None: ...
 
 
 class CopyReuse:
@@ -59,6 +62,9 @@ class CopyReuse:
 
     def recall(self, index: int, step: int) -> torch.Tensor | None:
         return self.values[index]
+
+    def detach(self) -> None:
+        self.values = [None if value is None else value.detach() for value in self.values]
 
 
 class ForecastReuse:
@@ -95,6 +101,9 @@ class ForecastReuse:
             basis *= step - steps[-level]
             forecast = forecast + basis * table[-1]
         return forecast
+
+    def detach(self) -> None:
+        self.history = [[(k, value.detach()) for k, value in points] for points in self.history]
 
 
 def reuse_strategy(forecast: int) -> ReuseStrategy:
@@ -146,6 +155,10 @@ class CacheState:
     def use_weights(self, weights: torch.Tensor) -> None:
         """Training: the soft router values [T, N] the next steps mix with."""
         self.config.soft_weights = weights
+
+    def detach(self) -> None:
+        """Training: cut the cache from the graph of the router values that mixed it (after an update)."""
+        self.config.reuse.detach()
 
     @contextmanager
     def teacher(self) -> Iterator[None]:
@@ -216,8 +229,8 @@ class BranchHook(ModelHook):
             else:
                 r = state.config.soft_weights[state.step, i]
                 out = r * fresh + (1 - r) * cached
-            if cached is None or state.row[i]:
-                reuse.store(i, state.step, out.detach())
+            if cached is None or state.row[i]:  # kept in the graph: later steps credit this refresh until `detach`
+                reuse.store(i, state.step, out)
             return out
         if state.row[i] or cached is None:
             out = self.fn_ref.original_forward(*args, **kwargs)

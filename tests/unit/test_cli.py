@@ -60,7 +60,8 @@ def test_bench_quality_runs_only_the_groups_asked_for():
     from harmonica_core.quality_bench import QualityBenchConfig
 
     config = only_groups(QualityBenchConfig(), "fora, delta")
-    assert config.fora and config.delta and config.fewer_steps == () and config.betas == {}
+    assert config.fora and config.delta and config.fewer_steps == () and config.betas == {} and config.targets == ()
+    assert only_groups(QualityBenchConfig(), "target").targets == QualityBenchConfig().targets
     assert main(["bench", "quality", "--only", "magic", "--out", "unused"]) == 2
 
 

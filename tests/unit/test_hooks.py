@@ -10,7 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from harmonica_core.cache.hooks import CacheConfig, CacheError, CopyReuse, apply_branch_cache, branch_cache
+from harmonica_core.cache.hooks import (
+    CacheConfig,
+    CacheError,
+    CopyReuse,
+    ForecastReuse,
+    ReuseStrategy,
+    apply_branch_cache,
+    branch_cache,
+)
 from harmonica_core.cache.methods import fora_plan
 from harmonica_core.families import FAMILIES, Family
 
@@ -110,6 +118,25 @@ def test_soft_mode_mixes_fresh_and_cached_and_the_teacher_touches_nothing(transf
         state.restart(at_step=1)
         assert state.step == 0 and state.config.reuse.recall(0, 1) is None
     assert calls(transformer) == [3, 3, 3, 3]
+
+
+@pytest.mark.parametrize(("reuse", "value", "slope"), [(CopyReuse(), 1.75, 1.0), (ForecastReuse(1), 2.5, 2.0)])
+def test_a_soft_cache_entry_credits_the_router_value_that_refreshed_it_until_detached(
+    transformer, reuse: ReuseStrategy, value: float, slope: float
+):
+    x = torch.zeros(1, 2)
+    weights = torch.tensor([[1.0] * 4, [0.75] * 4], requires_grad=True)
+    with branch_cache(transformer, CacheConfig(soft_weights=weights, update_threshold=0.5, reuse=reuse)) as state:
+        transformer(x)  # step 0: attn1 of block 0 stores 0 + 1
+        transformer(x)  # step 1: it stores r * 2 + (1 - r) * 1 with r = weights[1, 0] = 0.75
+        cached = state.config.reuse.recall(0, 2)  # copy: 1.75; forecast: 1.75 + (1.75 - 1) = 2.5
+        (grad,) = torch.autograd.grad(cached.sum(), weights)
+        assert cached.tolist() == [[value, value]]
+        expected = torch.zeros(2, 4)
+        expected[1, 0] = 2 * slope  # two elements, each d(entry)/dr = slope * (2 - 1)
+        assert torch.equal(grad, expected)
+        state.detach()
+        assert state.config.reuse.recall(0, 2).grad_fn is None
 
 
 def test_the_reuse_strategy_decides_what_a_reused_branch_returns(transformer):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harmonica_core.quality_bench import QualityBenchConfig, format_table, run_quality_bench
+from harmonica_core.quality_bench import QualityBenchConfig, format_table, format_verdict, run_quality_bench, verdict
 
 
 def test_quality_bench_smoke(tmp_path):
@@ -14,6 +14,7 @@ def test_quality_bench_smoke(tmp_path):
         steps=3, samples=10, fewer_steps=(2,), fora=(2,), forecast=((2, 1),), delta=((2, 0.3),),
         betas={"iepo": (1e-4,), "ltc": (1e-2,), "l2c": (1e-2,)},
         iterations=4, batch_size=2, lambda_every=2, timing_batch=2, timing_repeats=1,
+        targets=(1.5,), target_seeds=(0,), target_iterations=4,
     )  # fmt: skip
     result = run_quality_bench(config, tmp_path)
     names = [row["method"] for row in result["rows"]]
@@ -26,6 +27,7 @@ def test_quality_bench_smoke(tmp_path):
         "iepo beta=0.0001",
         "ltc beta=0.01",
         "l2c beta=0.01",
+        "iepo target 1.5x seed 0",
     ]
     rows = {row["method"]: row for row in result["rows"]}
     assert rows["none"]["mse"] == 0 and rows["none"]["realized_speedup_cpu"] == 1
@@ -38,5 +40,36 @@ def test_quality_bench_smoke(tmp_path):
         json.dumps(result["rows"])
     )
     assert (tmp_path / "quality_digits_T3.png").stat().st_size > 0
-    assert len(list((tmp_path / "routers").glob("*.safetensors"))) == 3
+    assert len(list((tmp_path / "routers").glob("*.safetensors"))) == 4
+    assert rows["iepo target 1.5x seed 0"]["group"] == "iepo target"
+    assert [entry["usage"] for entry in result["verdict"]] == [0.4, 0.5, 0.6]
     assert "| fora n=2 |" in format_table(result["rows"])
+
+
+def _row(method: str, group: str, usage: float, psnr: float, half: float = 0.5, fidelity: float = 1.0) -> dict:
+    return {"method": method, "group": group, "cache_usage_rate": usage, "psnr": psnr,
+            "psnr_ci95": [psnr - half, psnr + half], "frechet_fidelity": fidelity}  # fmt: skip
+
+
+def test_the_verdict_compares_the_best_learned_router_with_the_best_training_free_method_at_its_usage():
+    rows = [
+        _row("none", "none", 0.0, float("inf")),
+        _row("fewer steps T=10", "fewer steps", 0.0, 25.0),  # skips half the steps: usage 50 %
+        _row("fora n=2", "fora", 0.5, 30.0),
+        _row("fora n=3", "fora", 0.65, 26.0),
+        _row("a", "iepo target", 0.41, 40.0),  # 40 %: beats fora n=2 (usage 50 % >= 37 %) by 10 dB
+        _row("b", "iepo target", 0.52, 31.2, half=0.8),  # 50 %: +1.2 dB but the intervals overlap
+        _row("c", "iepo", 0.50, 30.5),
+        _row("d", "iepo target", 0.66, 30.0, fidelity=2.0),  # 60 %: none within 3 points (66 % is out)
+    ]
+    found = verdict(rows, steps=20)
+    assert [(e["learned"], e["training_free"], e["holds"]) for e in found] == [
+        ("a", "fora n=2", True),
+        ("b", "fora n=2", False),
+        (None, "fora n=3", False),
+    ]
+    assert found[0]["margin_db"] == pytest.approx(10) and found[1]["separated"] is False
+    table = format_verdict(found, rows)
+    row = "| 50% +-3% | b: 52.0%, 31.2 [30.4, 32.0] dB | fora n=2: 50.0%, 30.0 [29.5, 30.5] dB | +1.2 dB | no | no |"
+    assert row in table
+    assert "| 60% +-3% | none there |" in table

@@ -11,7 +11,7 @@ import torch
 from harmonica_core.cache.hooks import CacheState
 from harmonica_core.cli import main
 from harmonica_core.digits.data import digits_split
-from harmonica_core.router import PINNED_LOGIT, read_router
+from harmonica_core.router import PINNED_LOGIT, Router, read_router
 from harmonica_core.train_config import TrainConfig
 from harmonica_core.training import TrainData, TrainingCancelled, TrainProgress, train_router
 
@@ -34,11 +34,55 @@ def test_only_the_router_learns_and_its_invariants_hold(digits, monkeypatch):
     router = train_router(digits, small(beta=1e-4))
     assert all(p.grad is None for p in digits.transformer.parameters())
     assert all(torch.equal(before[k], v) for k, v in digits.transformer.state_dict().items())
-    assert router.logits.grad is not None
+    assert any(row.grad is not None for row in router.rows)
     assert torch.all(router.logits[0] == PINNED_LOGIT)
     assert router.logits.abs().max() <= 5
     # 4 SDT trajectories of 3 updates, plus 4 sampling passes per lambda refresh (2 refreshes)
     assert len(starts) == 4 + 2 * 4 and all(starts)
+
+
+def test_credit_steps_update_once_per_window_and_reach_the_rows_that_refreshed_the_cache(digits, monkeypatch):
+    grads: list[torch.Tensor] = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):  # the gradient each row takes into the step, [T, N] (none: zeros)
+        rows = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in self.param_groups[0]["params"]]
+        grads.append(torch.cat([torch.zeros_like(rows[0])[None], torch.stack(rows)]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    train_router(digits, small(steps=5, iterations=2, credit_steps=3, beta=0.0, objective="ltc"))
+    # steps 1-3 share the first update, step 4 makes the second: one trajectory
+    assert len(grads) == 2
+    assert grads[0][1:4].abs().sum(dim=1).gt(0).all() and grads[0][4].abs().sum() == 0
+    assert grads[1][:4].abs().sum() == 0 and grads[1][4].abs().sum() > 0
+    windowed = grads[0][1]
+    grads.clear()
+    train_router(digits, small(steps=5, iterations=1, beta=0.0, objective="ltc"))  # the paper's: step 1 alone
+    assert grads[0][2:].abs().sum() == 0
+    # same batch and start: what row 1 got beyond step 1's own error came from steps 2-3 reading what it refreshed
+    assert not torch.allclose(windowed, grads[0][1])
+
+
+def test_each_row_keeps_its_own_optimizer_state_and_rests_between_its_updates(digits, monkeypatch):
+    rows: list[torch.Tensor] = []
+    original = Router.clamp_
+
+    def spy(self):  # after each optimizer step
+        original(self)
+        rows.append(self.logits.detach().clone())
+
+    monkeypatch.setattr(Router, "clamp_", spy)
+    router = train_router(digits, small(iterations=2, optimizer_state="rows"))
+    assert len(rows) == 2
+    # update 1 trains step 1's row, update 2 step 2's: row 1 does not drift on its momentum (as under the
+    # default "table" state), row 3 never moved
+    start = Router(4, len(digits.branch_layout), generator=torch.Generator().manual_seed(0)).logits
+    assert not torch.equal(rows[0][1], start[1]) and torch.equal(rows[1][1], rows[0][1])
+    assert not torch.equal(rows[1][2], rows[0][2]) and torch.equal(router.logits[3], start[3])
+    rows.clear()
+    train_router(digits, small(iterations=2))
+    assert not torch.equal(rows[1][1], rows[0][1])  # the table: row 1 moves again on its momentum
 
 
 def test_lambdas_are_reproducible_vary_by_batch_and_leave_global_rng_alone(digits):
@@ -73,7 +117,8 @@ def test_progress_reports_the_lambda_passes_before_the_updates_they_precede(digi
 def test_a_target_speedup_moves_beta_towards_it(digits):
     for target, beta in ((3.0, 1e-6), (1.01, 1.0)):  # far below the target at the start; far above it soon
         log: list[TrainProgress] = []
-        train_router(digits, small(objective="ltc", beta=beta, target_speedup=target), on_progress=log.append)
+        config = small(objective="ltc", beta=beta, target_speedup=target, lr=1.0)
+        train_router(digits, config, on_progress=log.append)
         updates = [p for p in log if p.phase == "updates"]
         rises = []
         for before, after in zip([beta, *(p.beta for p in updates)], updates, strict=False):

@@ -126,6 +126,9 @@ TRAINING_CASES = [
     (["--target-speedup", "1"], {"target_speedup": 1.0}, "target_speedup"),
     (["--objective", "l2c", "--target-speedup", "2"], {"objective": "l2c", "target_speedup": 2.0}, "target_speedup"),
     (["--target-speedup", "2", "--beta", "0"], {"target_speedup": 2.0, "beta": 0.0}, "beta"),
+    (["--credit-steps", "0"], {"credit_steps": 0}, "credit_steps"),
+    (["--steps", "4", "--credit-steps", "4"], {"steps": 4, "credit_steps": 4}, "credit_steps"),
+    (["--objective", "l2c", "--credit-steps", "2"], {"objective": "l2c", "credit_steps": 2}, "credit_steps"),
 ]
 
 
