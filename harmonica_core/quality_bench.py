@@ -259,13 +259,18 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         x = [p["theoretical_speedup"] for p in points]
         label = "HarmoniCa (iepo)" if group == "iepo" else group
         psnrs = [min(p["psnr"], 60) for p in points]
-        line = axes[0].plot(x, psnrs, style, label=label)[0]
-        if all(p.get("psnr_ci95") for p in points):  # the bootstrap 95 % intervals as a band
-            low, high = ([min(p["psnr_ci95"][i], 60) for p in points] for i in (0, 1))
-            axes[0].fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+        intervals = all(p.get("psnr_ci95") for p in points)
+        low, high = ([min(p["psnr_ci95"][i], 60) for p in points] for i in (0, 1)) if intervals else ([], [])
+        if "-" in style:  # a curve: the bootstrap 95 % intervals as a band
+            line = axes[0].plot(x, psnrs, style, label=label)[0]
+            if intervals:
+                axes[0].fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+        else:  # separate points (several seeds at one target): an error bar each
+            bars = [[y - a for y, a in zip(psnrs, low, strict=True)], [b - y for y, b in zip(psnrs, high, strict=True)]]
+            axes[0].errorbar(x, psnrs, yerr=bars if intervals else None, fmt=style, capsize=3, label=label)
         axes[1].plot(x, [p.get("frechet_fidelity") or float("nan") for p in points], style, label=label)
     axes[0].set_ylabel("PSNR vs uncached, dB, 95 % CI band (capped at 60)")
-    axes[1].set_ylabel("Frechet distance to uncached samples (fidelity; lower is better)")
+    axes[1].set_ylabel("Frechet to uncached samples (fidelity, lower is better)")
     for ax in axes:
         ax.set_xlabel("theoretical speedup (MACs)")
         ax.grid(alpha=0.3)
