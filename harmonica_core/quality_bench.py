@@ -70,7 +70,7 @@ class QualityBenchConfig:
 
     def target_config(self, speedup: float, seed: int) -> TrainConfig:
         """The training config of the recipe's router aimed at `speedup`, from `seed`."""
-        base = replace(self.train_config("iepo", 1e-6), iterations=self.target_iterations, seed=seed)
+        base = replace(self.train_config("iepo", TrainConfig.beta), iterations=self.target_iterations, seed=seed)
         return replace(base, **TARGET_RECIPE, target_speedup=speedup, lambda_every=self.target_iterations // 4)
 
     def routers(self) -> dict[str, tuple[str, str, TrainConfig]]:
@@ -137,7 +137,7 @@ def run_quality_bench(config: QualityBenchConfig, out: Path) -> dict[str, Any]:
         quality = plan_quality(model, plan, req, reference)
         if req.steps != config.steps:  # fewer steps: speedup against the T-step uncached generation
             quality["theoretical_speedup"] = full_macs / profile.generation_macs(None, req.steps, config.guidance > 1)
-        rows.append({"method": name, "group": group} | quality)
+        rows.append({"method": name, "group": group, "steps": req.steps} | quality)
 
     timing = {name: Run(_with_batch(req, config.timing_batch), plan) for name, (_, req, plan) in methods.items()}
     seconds, _ = interleaved_latencies(model, timing, config.timing_repeats)
@@ -160,10 +160,9 @@ def run_quality_bench(config: QualityBenchConfig, out: Path) -> dict[str, Any]:
 
 
 def _usage(row: dict[str, Any], steps: int) -> float:
-    """A row's share of skipped branch evaluations: cache usage, or for fewer steps the steps it leaves out."""
-    if row["group"] == "fewer steps":
-        return 1 - int(row["method"].rsplit("=", 1)[1]) / steps
-    return row["cache_usage_rate"]
+    """A row's share of skipped branch evaluations: cache usage, or for fewer steps the share of the `steps` it
+    leaves out."""
+    return 1 - row["steps"] / steps if row["group"] == "fewer steps" else row["cache_usage_rate"]
 
 
 def verdict(rows: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
@@ -177,8 +176,9 @@ def verdict(rows: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
         near = [r for r in learned if abs(_usage(r, steps) - level) <= BAND + 1e-9]
         rival = max((r for r in free if _usage(r, steps) >= level - BAND - 1e-9), key=lambda r: r["psnr"], default=None)
         best = max(near, key=lambda r: r["psnr"], default=None)
-        entry: dict[str, Any] = {"usage": level, "learned": best and best["method"]}
-        entry["training_free"] = rival and rival["method"]
+        entry: dict[str, Any] = {"usage": level}
+        for role, row in (("learned", best), ("training_free", rival)):
+            entry[role], entry[f"{role}_usage"] = (None, None) if row is None else (row["method"], _usage(row, steps))
         if best is not None and rival is not None:
             entry |= {
                 "margin_db": best["psnr"] - rival["psnr"],
@@ -196,12 +196,13 @@ def format_verdict(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) ->
     """The verdict as a Markdown table."""
     by_name = {r["method"]: r for r in rows}
 
-    def cell(name: str | None) -> str:
+    def cell(entry: dict[str, Any], role: str) -> str:
+        name = entry[role]
         if name is None:
             return "none there"
         r = by_name[name]
         low, high = r["psnr_ci95"]
-        return f"{name}: {r['cache_usage_rate']:.1%}, {r['psnr']:.1f} [{low:.1f}, {high:.1f}] dB"
+        return f"{name}: {entry[f'{role}_usage']:.1%}, {r['psnr']:.1f} [{low:.1f}, {high:.1f}] dB"
 
     lines = [
         "| usage | best learned | best training-free (at that usage or more) | margin | intervals apart | holds |",
@@ -211,7 +212,7 @@ def format_verdict(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) ->
         margin = f"{e['margin_db']:+.1f} dB" if "margin_db" in e else "-"
         apart = ("yes" if e["separated"] else "no") if "separated" in e else "-"
         lines.append(
-            f"| {e['usage']:.0%} +-{BAND:.0%} | {cell(e['learned'])} | {cell(e['training_free'])} | {margin} | "
+            f"| {e['usage']:.0%} +-{BAND:.0%} | {cell(e, 'learned')} | {cell(e, 'training_free')} | {margin} | "
             f"{apart} | {'yes' if e['holds'] else 'no'} |"
         )
     return "\n".join(lines)

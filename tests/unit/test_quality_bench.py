@@ -46,15 +46,17 @@ def test_quality_bench_smoke(tmp_path):
     assert "| fora n=2 |" in format_table(result["rows"])
 
 
-def _row(method: str, group: str, usage: float, psnr: float, half: float = 0.5, fidelity: float = 1.0) -> dict:
-    return {"method": method, "group": group, "cache_usage_rate": usage, "psnr": psnr,
+def _row(
+    method: str, group: str, usage: float, psnr: float, half: float = 0.5, fidelity: float = 1.0, steps: int = 20
+) -> dict:
+    return {"method": method, "group": group, "steps": steps, "cache_usage_rate": usage, "psnr": psnr,
             "psnr_ci95": [psnr - half, psnr + half], "frechet_fidelity": fidelity}  # fmt: skip
 
 
 def test_the_verdict_compares_the_best_learned_router_with_the_best_training_free_method_at_its_usage():
     rows = [
         _row("none", "none", 0.0, float("inf")),
-        _row("fewer steps T=10", "fewer steps", 0.0, 25.0),  # skips half the steps: usage 50 %
+        _row("fewer steps T=10", "fewer steps", 0.0, 25.0, steps=10),  # skips half the steps: usage 50 %
         _row("fora n=2", "fora", 0.5, 30.0),
         _row("fora n=3", "fora", 0.65, 26.0),
         _row("a", "iepo target", 0.41, 40.0),  # 40 %: beats fora n=2 (usage 50 % >= 37 %) by 10 dB
@@ -73,3 +75,8 @@ def test_the_verdict_compares_the_best_learned_router_with_the_best_training_fre
     row = "| 50% +-3% | b: 52.0%, 31.2 [30.4, 32.0] dB | fora n=2: 50.0%, 30.0 [29.5, 30.5] dB | +1.2 dB | no | no |"
     assert row in table
     assert "| 60% +-3% | none there |" in table
+    # fewer steps counts as the share of steps it leaves out: T = 10 of 20 is a rival at 50 %
+    stronger = [_row("fewer steps T=10", "fewer steps", 0.0, 31.0, steps=10), rows[5]]
+    middle = verdict(stronger, steps=20)[1]
+    assert (middle["training_free"], middle["training_free_usage"]) == ("fewer steps T=10", 0.5)
+    assert "| fewer steps T=10: 50.0%, 31.0 [30.5, 31.5] dB |" in format_verdict([middle], stronger)
