@@ -27,6 +27,7 @@ OBJECTIVES = {
     "iepo": "SDT with the Image-Error-Proxy-Guided Objective: per-step loss weighted by lambda_k (HarmoniCa)",
     "ltc": "SDT with lambda_k = 1 (the paper's ablation)",
     "l2c": "Learning-to-Cache: per-step training from noised real data, alternating inference",
+    "image": "the final image's own error, back through the whole trajectory, at the target speedup's plan (ours)",
 }
 LAMBDA_MODES = ("cumulative", "leave_one_out", "gain")
 OPTIMIZER_STATES = ("table", "rows")

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument(
         "--only",
         help="comma-separated method groups to run beside `none`: fewer-steps, fora, forecast, delta, iepo, ltc, l2c, "
-        "target (IEPO routers aimed at target speedups)",
+        "target (IEPO routers aimed at target speedups), image (image-objective routers aimed at them)",
     )
     qb.add_argument("--out", type=Path, default=Path("bench/results"))
 
@@ -330,7 +330,7 @@ def only_groups(config, groups: str):
     from dataclasses import replace
 
     wanted = {group.strip() for group in groups.split(",") if group.strip()}
-    known = {"fewer-steps", "fora", "forecast", "delta", "target", *config.betas}
+    known = {"fewer-steps", "fora", "forecast", "delta", "target", "image", *config.betas}
     if not wanted or wanted - known:
         raise CliError(f"--only takes some of {', '.join(sorted(known))}, got {groups!r}")
     return replace(
@@ -340,6 +340,7 @@ def only_groups(config, groups: str):
         forecast=config.forecast if "forecast" in wanted else (),
         delta=config.delta if "delta" in wanted else (),
         targets=config.targets if "target" in wanted else (),
+        image_routers=config.image_routers if "image" in wanted else (),
         betas={objective: betas for objective, betas in config.betas.items() if objective in wanted},
     )
 

@@ -28,6 +28,7 @@ from .train_config import TrainConfig, plan_method
 from .training import train_and_save
 
 TARGET_RECIPE: dict[str, Any] = {"lambda_mode": "gain", "forecast": 1, "credit_steps": 2}
+IMAGE_RECIPE: dict[str, Any] = {"objective": "image", "forecast": 1}
 TRAINING_FREE = ("fewer steps", "fora", "fora+forecast", "delta")
 LEVELS = (0.4, 0.5, 0.6)  # cache usage levels of the verdict, each +-BAND
 BAND = 0.03
@@ -53,6 +54,8 @@ class QualityBenchConfig:
     targets: tuple[float, ...] = (1.6, 2.0, 2.5)  # theoretical speedups of the recipe's routers
     target_seeds: tuple[int, ...] = (0, 1, 2)
     target_iterations: int = 200  # one update per credit window: 20 trajectories, as the sweep's 380
+    image_routers: tuple[tuple[float, int], ...] = ((2.0, 0), (2.0, 1), (2.0, 2))  # (target, seed)
+    image_iterations: int = 80  # one update per trajectory, each through all T steps
     iterations: int = 380
     batch_size: int = 8
     lr: float = 0.1
@@ -73,6 +76,11 @@ class QualityBenchConfig:
         base = replace(self.train_config("iepo", TrainConfig.beta), iterations=self.target_iterations, seed=seed)
         return replace(base, **TARGET_RECIPE, target_speedup=speedup, lambda_every=self.target_iterations // 4)
 
+    def image_config(self, speedup: float, seed: int) -> TrainConfig:
+        """The training config of the image objective's router aimed at `speedup`, from `seed`."""
+        base = replace(self.train_config("image", TrainConfig.beta), iterations=self.image_iterations, seed=seed)
+        return replace(base, **IMAGE_RECIPE, target_speedup=speedup)
+
     def routers(self) -> dict[str, tuple[str, str, TrainConfig]]:
         """Every router the benchmark trains: name -> (group, file stem, training config)."""
         found = {
@@ -84,6 +92,9 @@ class QualityBenchConfig:
             for seed in self.target_seeds:
                 name = f"iepo target {speedup:g}x seed {seed}"
                 found[name] = ("iepo target", f"iepo_x{speedup:g}_s{seed}", self.target_config(speedup, seed))
+        for speedup, seed in self.image_routers:
+            name = f"image target {speedup:g}x seed {seed}"
+            found[name] = ("image target", f"image_x{speedup:g}_s{seed}", self.image_config(speedup, seed))
         return found
 
 
@@ -251,7 +262,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     styles = {"none": "k*", "fewer steps": "s-", "fora": "^-", "fora+forecast": "^--", "delta": "x-"}
-    styles |= {"l2c": "v-", "ltc": "D-", "iepo": "o-", "iepo target": "o"}
+    styles |= {"l2c": "v-", "ltc": "D-", "iepo": "o-", "iepo target": "o", "image target": "P"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for group, style in styles.items():
         points = sorted((r for r in rows if r["group"] == group), key=lambda r: r["theoretical_speedup"])

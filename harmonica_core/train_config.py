@@ -23,7 +23,8 @@ def _help(text: str, choices: Sequence[str] = ()) -> dict[str, Any]:
 class TrainConfig:
     """Router training settings; stored in the router file's metadata.
 
-    `iterations` counts router updates (T - 1 per SDT trajectory, or one per `credit_steps` steps). `beta`
+    `iterations` counts router updates (T - 1 per SDT trajectory, or one per `credit_steps` steps; one per
+    trajectory for the image objective). `beta`
     weighs the sum of router values per step (pushes towards reuse); its scale depends on N and on the scale of
     lambda.
     """
@@ -32,7 +33,8 @@ class TrainConfig:
         default="iepo",
         metadata=_help(
             "iepo: HarmoniCa (SDT + image-error proxy); ltc: SDT without the proxy; l2c: Learning-to-Cache from "
-            "real data",
+            "real data; image: the final image's own error through the whole trajectory, at the target speedup's "
+            "plan (needs target_speedup; T student passes in memory)",
             OBJECTIVES,
         ),
     )

@@ -64,7 +64,7 @@ class TrainProgress:
     iteration: int
     total: int
     loss: float | None
-    cache_usage_rate: float  # at the training threshold tau
+    cache_usage_rate: float  # at the training threshold (tau; the image objective's plan at the target)
     lambdas: list[float] = field(default_factory=list)
     phase: str = "updates"
     lambda_pass: int = 0
@@ -118,14 +118,35 @@ def threshold_for(model: Model, router: Router, config: TrainConfig) -> float:
     """The inference threshold whose plan comes closest to `config.target_speedup` (tau where none is set).
 
     Dual ascent steers training towards the target, but the plan at tau trails beta's last moves; the router's
-    ranking of its entries is what it learned, so the threshold that lands the target is read off it: among tau
-    and the router's own values (the only places the plan changes), the closest, and of equals the nearest tau.
+    ranking of its entries is what it learned, so the threshold that lands the target is read off it.
     """
     if config.target_speedup is None:
         return config.tau
-    probs, speedup = router().detach(), plan_speedups(model, config)
-    candidates = sorted({config.tau, *probs[1:].flatten().tolist()}, key=lambda t: abs(math.log(t / config.tau)))
-    return min(candidates, key=lambda t: abs(math.log(speedup(probs, t) / config.target_speedup)))
+    return closest_threshold(router().detach(), plan_speedups(model, config), config.target_speedup, config.tau)
+
+
+def closest_threshold(
+    probs: torch.Tensor, speedup: Callable[[torch.Tensor, float], float], target: float, tau: float
+) -> float:
+    """Among tau and the router values themselves (the only places the plan changes), the threshold whose plan's
+    speedup is closest to `target`; of equals, the nearest tau."""
+    candidates = sorted({tau, *probs[1:].flatten().tolist()}, key=lambda t: abs(math.log(t / tau)))
+    return min(candidates, key=lambda t: abs(math.log(speedup(probs, t) / target)))
+
+
+def spread_logits(model: Model, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Where the image objective starts: the evenly spread whole-step plan closest to the target (FORA n = 2 at 2x),
+    as logits +-1 with a little noise. From random logits its gradients, which only see the plan's neighbours,
+    found worse plans (README, "The image objective")."""
+    steps, branches, speedup = config.steps, len(model.branch_layout), plan_speedups(model, config)
+
+    def plan(computing: int) -> torch.Tensor:
+        rows = torch.zeros(steps, 1)
+        rows[[k * steps // computing for k in range(computing)]] = 1.0
+        return rows.expand(steps, branches)
+
+    best = min(range(1, steps + 1), key=lambda m: abs(math.log(speedup(plan(m), 0.5) / config.target_speedup)))
+    return 2 * plan(best) - 1 + 0.1 * torch.randn(steps, branches, generator=generator)
 
 
 DUAL_STEP = 0.05  # beta *= exp(DUAL_STEP * log(target / reached)) per update: x1.035 per update at 2x for 1x
@@ -154,16 +175,31 @@ class _Run:
     def latent(self) -> tuple[int, int, int, int]:
         return self.model.latent_shape(self.config.batch_size, *self.model.check_size(None, None))
 
+    threshold: float = field(init=False)  # of the plan training runs and reports: tau, or the image objective's
+
+    def __post_init__(self) -> None:
+        self.threshold = self.config.tau
+
     @cached_property
-    def speedup(self) -> Callable[[torch.Tensor], float]:
-        """The theoretical speedup of the plan router values give at tau."""
-        at = plan_speedups(self.model, self.config)
-        return lambda probs: at(probs, self.config.tau)
+    def speedup_at(self) -> Callable[[torch.Tensor, float], float]:
+        """The theoretical speedup of the plan router values give at a threshold."""
+        return plan_speedups(self.model, self.config)
+
+    def speedup(self, probs: torch.Tensor) -> float:
+        """The theoretical speedup of the plan router values give at the training threshold."""
+        return self.speedup_at(probs, self.threshold)
 
     @cached_property
     def parallel(self) -> torch.nn.Module:
         """The router as the loss sees it: under DDP when there are several processes."""
         return self.world.parallel(self.router)
+
+    @cached_property
+    def branch_costs(self) -> torch.Tensor:
+        """Each branch's MACs over their mean: the image objective prices a value by the compute it decides."""
+        macs = self.model.mac_profile(*self.model.check_size(None, None)).branch_macs
+        costs = torch.tensor(macs, dtype=torch.float64)
+        return (costs / costs.mean()).float()
 
     def scheduler(self) -> Any:
         """A fresh scheduler per trajectory: multistep solvers keep per-trajectory state."""
@@ -193,25 +229,33 @@ class _Run:
         with self.state.teacher(), torch.set_grad_enabled(not self.config.frozen):
             return predict_noise(self.model, scheduler, x, t, cond, self.config.guidance)
 
-    @torch.no_grad()
-    def final(
-        self, noise: torch.Tensor, cond: Conditioning, weights: torch.Tensor, eps: list[torch.Tensor] | None = None
+    def sample(
+        self, noise: torch.Tensor, cond: Conditioning, eps: list[torch.Tensor] | None = None, teacher: bool = False
     ) -> torch.Tensor:
-        """x_0 (latents/pixels) of a full trajectory with fixed soft router values `weights` [T, N]; each step's
-        noise prediction is appended to `eps` where given."""
+        """x_0 (latents/pixels) of a full trajectory from `noise`: the teacher's, or the student's with the router
+        values in use (in the graph unless under no_grad); each step's noise prediction is appended to `eps` where
+        given."""
         self.state.reset()
-        self.state.use_weights(weights)
         scheduler, x = self.scheduler(), noise
         extra = step_kwargs(scheduler, self.config.seed)
         for t in scheduler.timesteps:
-            predicted = self.eps(scheduler, x, t, cond)
+            predicted = self.eps(scheduler, x, t, cond, teacher)
             if eps is not None:
                 eps.append(predicted)
             x = scheduler.step(predicted, t, x, **extra, return_dict=False)[0]
         return x
 
-    def update(self, loss: torch.Tensor, updates: int) -> int:
-        """One optimizer step on the router; reports progress; returns the new update count."""
+    @torch.no_grad()
+    def final(
+        self, noise: torch.Tensor, cond: Conditioning, weights: torch.Tensor, eps: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """x_0 of a full trajectory with fixed soft router values `weights` [T, N] (`sample`)."""
+        self.state.use_weights(weights)
+        return self.sample(noise, cond, eps)
+
+    def update(self, loss: torch.Tensor, updates: int, reported: torch.Tensor | None = None) -> int:
+        """One optimizer step on the router; reports progress (with `reported` as the loss where given); returns the
+        new update count."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP, the gradient arrives averaged over the ranks
         self.state.detach()
@@ -219,8 +263,9 @@ class _Run:
             self.router.release_idle_grads()
         self.optimizer.step()
         self.router.clamp_()
-        self.loss = self.world.mean(loss.detach()).item()
-        if self.config.target_speedup is not None:  # dual ascent: more reuse pressure while below the target
+        self.loss = self.world.mean((loss if reported is None else reported).detach()).item()
+        if self.config.target_speedup is not None and self.config.objective != "image":
+            # dual ascent: more reuse pressure while below the target
             reached = self.speedup(self.router().detach())
             self.beta *= math.exp(DUAL_STEP * math.log(self.config.target_speedup / reached))
         self.report(updates + 1)
@@ -232,7 +277,7 @@ class _Run:
             return
         probs = self.router().detach()
         lambdas = [] if self.config.objective == "l2c" else list(self.lambdas)
-        cur = cache_usage_at(probs, self.config.tau)
+        cur = cache_usage_at(probs, self.threshold)
         progress = TrainProgress(updates, self.config.iterations, self.loss, cur, lambdas)
         progress.theoretical_speedup, progress.beta = self.speedup(probs), self.beta
         if lambda_pass:
@@ -296,7 +341,10 @@ def train_router(
     world.check_batch(config.batch_size)
     data = data or TrainData()
     generator = torch.Generator().manual_seed(config.seed)
-    router = Router(config.steps, len(model.branch_layout), generator=generator).to(model.device)
+    router = Router(config.steps, len(model.branch_layout), generator=generator)
+    if config.objective == "image":
+        router.load_(spread_logits(model, config, generator))
+    router = router.to(model.device)
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=0.0)
     updates, next_refresh, beta = 0, 0, config.beta
     lambdas = [1.0] * config.steps
@@ -313,7 +361,7 @@ def train_router(
     soft = CacheConfig(
         soft_weights=router().detach(), update_threshold=config.tau, reuse=reuse_strategy(config.forecast)
     )
-    step = _l2c_update if config.objective == "l2c" else _sdt_trajectory
+    step = {"l2c": _l2c_update, "image": _image_update}.get(config.objective, _sdt_trajectory)
     model.transformer.requires_grad_(not config.frozen)
     try:
         with branch_cache(model.transformer, soft) as state:
@@ -377,6 +425,33 @@ def _sdt_trajectory(run: _Run, updates: int) -> int:
         if updates >= config.iterations:
             break
     return updates
+
+
+def _image_update(run: _Run, updates: int) -> int:
+    """One update on the final image's own error (objective `image`): a batch sampled uncached (the target) and
+    with the plan the router values give at the target speedup, exactly as inference runs it, the error taken back
+    through every step and cache entry to the values (straight-through: d out / d r = fresh - cached).
+
+    A value is pushed by its error gradient plus beta times its branch's cost, beta being the benefit per cost at
+    the plan's edge (the gradients averaged over the ranks): the entries that help most per MAC rise, the rest
+    fall, and the plan stays at the target whatever the values' scale. Memory: T student passes in the graph."""
+    config, state, world = run.config, run.state, run.world
+    noise, cond, _ = run.batch()
+    target = run.sample(noise, cond, teacher=True)
+    probs = run.parallel()
+    run.threshold = closest_threshold(probs.detach(), run.speedup_at, config.target_speedup, config.tau)
+    compute = (probs.detach() > run.threshold).float()
+    compute[0] = 1.0
+    state.use_weights(compute + probs - probs.detach())
+    error = F.mse_loss(run.sample(noise, cond), target)
+    (gradient,) = torch.autograd.grad(error, probs)
+    gradient = world.mean(gradient)[1:]
+    cost = run.branch_costs.to(gradient)
+    edge = int(compute[1:].sum().item())
+    benefit = (-gradient / cost).flatten().sort(descending=True).values
+    run.beta = benefit[edge - 1].item() if edge else benefit[0].item()
+    push = ((gradient + run.beta * cost) * probs[1:]).sum()
+    return run.update(push, updates, reported=error)
 
 
 def _l2c_update(run: _Run, updates: int) -> int:

@@ -304,8 +304,12 @@ def validate_training(request: Mapping[str, Any], limits: Limits | None, *, data
         raise InvalidRequest("target_speedup", "target_speedup is for the iepo and ltc objectives (l2c alternates)")
     if req.get("target_speedup") is not None and req.get("beta") == 0:
         raise InvalidRequest("beta", "with target_speedup, beta is where the adapted beta starts: give one above 0")
-    if req.get("credit_steps", 1) > 1 and req.get("objective") == "l2c":
-        raise InvalidRequest("credit_steps", "credit_steps is for the iepo and ltc objectives (l2c trains one step)")
+    if req.get("objective") == "image" and req.get("target_speedup") is None:
+        raise InvalidRequest("target_speedup", "the image objective trains at a target's plan: give target_speedup")
+    if req.get("credit_steps", 1) > 1 and req.get("objective") in ("l2c", "image"):
+        raise InvalidRequest(
+            "credit_steps", "credit_steps is for the iepo and ltc objectives (l2c trains one step, image all of them)"
+        )
     if req.get("credit_steps", 1) > 1 and req["credit_steps"] >= req.get("steps", 20):
         raise InvalidRequest(
             "credit_steps",

@@ -62,6 +62,7 @@ def test_bench_quality_runs_only_the_groups_asked_for():
     config = only_groups(QualityBenchConfig(), "fora, delta")
     assert config.fora and config.delta and config.fewer_steps == () and config.betas == {} and config.targets == ()
     assert only_groups(QualityBenchConfig(), "target").targets == QualityBenchConfig().targets
+    assert config.image_routers == () and only_groups(QualityBenchConfig(), "image").image_routers
     assert main(["bench", "quality", "--only", "magic", "--out", "unused"]) == 2
 
 

@@ -14,7 +14,7 @@ def test_quality_bench_smoke(tmp_path):
         steps=3, samples=10, fewer_steps=(2,), fora=(2,), forecast=((2, 1),), delta=((2, 0.3),),
         betas={"iepo": (1e-4,), "ltc": (1e-2,), "l2c": (1e-2,)},
         iterations=4, batch_size=2, lambda_every=2, timing_batch=2, timing_repeats=1,
-        targets=(1.5,), target_seeds=(0,), target_iterations=4,
+        targets=(1.5,), target_seeds=(0,), target_iterations=4, image_routers=((1.5, 0),), image_iterations=2,
     )  # fmt: skip
     result = run_quality_bench(config, tmp_path)
     names = [row["method"] for row in result["rows"]]
@@ -28,6 +28,7 @@ def test_quality_bench_smoke(tmp_path):
         "ltc beta=0.01",
         "l2c beta=0.01",
         "iepo target 1.5x seed 0",
+        "image target 1.5x seed 0",
     ]
     rows = {row["method"]: row for row in result["rows"]}
     assert rows["none"]["mse"] == 0 and rows["none"]["realized_speedup_cpu"] == 1
@@ -40,8 +41,9 @@ def test_quality_bench_smoke(tmp_path):
         json.dumps(result["rows"])
     )
     assert (tmp_path / "quality_digits_T3.png").stat().st_size > 0
-    assert len(list((tmp_path / "routers").glob("*.safetensors"))) == 4
+    assert len(list((tmp_path / "routers").glob("*.safetensors"))) == 5
     assert rows["iepo target 1.5x seed 0"]["group"] == "iepo target"
+    assert rows["image target 1.5x seed 0"]["group"] == "image target"
     assert [entry["usage"] for entry in result["verdict"]] == [0.4, 0.5, 0.6]
     assert "| fora n=2 |" in format_table(result["rows"])
 

@@ -13,7 +13,14 @@ from harmonica_core.cli import main
 from harmonica_core.digits.data import digits_split
 from harmonica_core.router import PINNED_LOGIT, Router, read_router
 from harmonica_core.train_config import TrainConfig
-from harmonica_core.training import TrainData, TrainingCancelled, TrainProgress, train_router
+from harmonica_core.training import (
+    TrainData,
+    TrainingCancelled,
+    TrainProgress,
+    plan_speedups,
+    spread_logits,
+    train_router,
+)
 
 
 def small(**overrides) -> TrainConfig:
@@ -83,6 +90,33 @@ def test_each_row_keeps_its_own_optimizer_state_and_rests_between_its_updates(di
     rows.clear()
     train_router(digits, small(iterations=2))
     assert not torch.equal(rows[1][1], rows[0][1])  # the table: row 1 moves again on its momentum
+
+
+def test_the_image_objective_starts_from_the_spread_plan_and_trains_every_step_at_the_target(digits, monkeypatch):
+    config = small(objective="image", steps=20, target_speedup=2.0, forecast=1)
+    start = spread_logits(digits, config, torch.Generator().manual_seed(0))
+    assert [bool(row[0] > 0) for row in start] == [k % 2 == 0 for k in range(20)]  # FORA n = 2 at 2x
+    assert all(len({bool(v > 0) for v in row}) == 1 for row in start)
+
+    grads: list[torch.Tensor] = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        grads.append(torch.stack([p.grad.clone() for p in self.param_groups[0]["params"]]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    log: list[TrainProgress] = []
+    config = small(objective="image", steps=6, iterations=2, target_speedup=1.5, forecast=1)
+    router = train_router(digits, config, on_progress=log.append)
+    # one update per trajectory, and the final image's error reaches every trained row
+    assert len(grads) == 2 and grads[0].abs().sum(dim=1).gt(0).all()
+    # the plan trained is the one closest to the target
+    reachable = plan_speedups(digits, config)
+    probs = router().detach()
+    closest = min({reachable(probs, t) for t in probs[1:].flatten().tolist()}, key=lambda s: abs(s - 1.5))
+    assert abs(log[-1].theoretical_speedup - 1.5) <= abs(closest - 1.5) + 0.2
+    assert all(p.loss > 0 for p in log)  # the error of a cached final image
 
 
 def test_lambdas_are_reproducible_vary_by_batch_and_leave_global_rng_alone(digits):

@@ -129,6 +129,12 @@ TRAINING_CASES = [
     (["--credit-steps", "0"], {"credit_steps": 0}, "credit_steps"),
     (["--steps", "4", "--credit-steps", "4"], {"steps": 4, "credit_steps": 4}, "credit_steps"),
     (["--objective", "l2c", "--credit-steps", "2"], {"objective": "l2c", "credit_steps": 2}, "credit_steps"),
+    (["--objective", "image"], {"objective": "image"}, "target_speedup"),
+    (
+        ["--objective", "image", "--target-speedup", "2", "--credit-steps", "2"],
+        {"objective": "image", "target_speedup": 2.0, "credit_steps": 2},
+        "credit_steps",
+    ),
 ]
 
 

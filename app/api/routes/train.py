@@ -76,6 +76,10 @@ EXAMPLES = {  # each is POSTed by tests/service/test_docs.py and must be accepte
         "summary": "The LTC ablation (no image-error weighting)",
         "value": {"model": "digits", "objective": "ltc", "steps": 20, "iterations": 200, "lr": 0.1},
     },
+    "image": {
+        "summary": "Aimed at 2x, trained on the final image's own error, forecasting reused branches",
+        "value": {"model": "digits", "objective": "image", "target_speedup": 2.0, "forecast": 1, "iterations": 80},
+    },
 }
 
 router = APIRouter(tags=["jobs"])
