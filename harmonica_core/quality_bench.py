@@ -28,7 +28,7 @@ from .train_config import TrainConfig, plan_method
 from .training import train_and_save
 
 TARGET_RECIPE: dict[str, Any] = {"lambda_mode": "gain", "forecast": 1, "credit_steps": 2}
-IMAGE_RECIPE: dict[str, Any] = {"objective": "image", "forecast": 1}
+IMAGE_RECIPE: dict[str, Any] = {"forecast": 1}  # with the image objective
 TRAINING_FREE = ("fewer steps", "fora", "fora+forecast", "delta")
 LEVELS = (0.4, 0.5, 0.6)  # cache usage levels of the verdict, each +-BAND
 BAND = 0.03

@@ -136,8 +136,8 @@ def closest_threshold(
 
 def spread_logits(model: Model, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     """Where the image objective starts: the evenly spread whole-step plan closest to the target (FORA n = 2 at 2x),
-    as logits +-1 with a little noise. From random logits its gradients, which only see the plan's neighbours,
-    found worse plans (README, "The image objective")."""
+    as logits +-1 with a little noise: from random logits a prototype found worse plans (README, "The image
+    objective")."""
     steps, branches, speedup = config.steps, len(model.branch_layout), plan_speedups(model, config)
 
     def plan(computing: int) -> torch.Tensor:
@@ -170,15 +170,14 @@ class _Run:
     beta: float
     next_refresh: int = 0
     loss: float | None = None  # of the last update (its mean over the ranks)
-
-    @cached_property
-    def latent(self) -> tuple[int, int, int, int]:
-        return self.model.latent_shape(self.config.batch_size, *self.model.check_size(None, None))
-
     threshold: float = field(init=False)  # of the plan training runs and reports: tau, or the image objective's
 
     def __post_init__(self) -> None:
         self.threshold = self.config.tau
+
+    @cached_property
+    def latent(self) -> tuple[int, int, int, int]:
+        return self.model.latent_shape(self.config.batch_size, *self.model.check_size(None, None))
 
     @cached_property
     def speedup_at(self) -> Callable[[torch.Tensor, float], float]:

@@ -301,7 +301,9 @@ def validate_training(request: Mapping[str, Any], limits: Limits | None, *, data
         if limits is not None and req.get(name) is not None:
             _limit(name, req[name], getattr(limits, limit), name)
     if req.get("target_speedup") is not None and req.get("objective") == "l2c":
-        raise InvalidRequest("target_speedup", "target_speedup is for the iepo and ltc objectives (l2c alternates)")
+        raise InvalidRequest(
+            "target_speedup", "target_speedup is for the iepo, ltc and image objectives (l2c alternates)"
+        )
     if req.get("target_speedup") is not None and req.get("beta") == 0:
         raise InvalidRequest("beta", "with target_speedup, beta is where the adapted beta starts: give one above 0")
     if req.get("objective") == "image" and req.get("target_speedup") is None:
