@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache.hooks import CacheConfig, CacheState, branch_cache, reuse_strategy
+from .cache.methods import spread_plan
 from .cache.plan import CachePlan
 from .distributed import ALONE, World
 from .families import Conditioning
@@ -135,15 +136,13 @@ def closest_threshold(
 
 
 def spread_logits(model: Model, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Where the image objective starts: the evenly spread whole-step plan closest to the target (FORA n = 2 at 2x),
-    as logits +-1 with a little noise: from random logits a prototype found worse plans (README, "The image
-    objective")."""
+    """Where the image objective starts: the spread plan (`cache.methods.spread_plan`) closest to the target (FORA
+    n = 2 at 2x), as logits +-1 with a little noise: from random logits a prototype found worse plans (README, "The
+    image objective")."""
     steps, branches, speedup = config.steps, len(model.branch_layout), plan_speedups(model, config)
 
     def plan(computing: int) -> torch.Tensor:
-        rows = torch.zeros(steps, 1)
-        rows[[k * steps // computing for k in range(computing)]] = 1.0
-        return rows.expand(steps, branches)
+        return torch.tensor(spread_plan(steps, branches, computing).compute, dtype=torch.float32)
 
     best = min(range(1, steps + 1), key=lambda m: abs(math.log(speedup(plan(m), 0.5) / config.target_speedup)))
     return 2 * plan(best) - 1 + 0.1 * torch.randn(steps, branches, generator=generator)

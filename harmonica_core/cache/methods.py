@@ -73,6 +73,15 @@ def fora_plan(steps: int, branches: int, interval: int = 2) -> CachePlan:
     return CachePlan.from_rows([[k % interval == 0] * branches for k in range(steps)])
 
 
+def spread_plan(steps: int, branches: int, computing: int) -> CachePlan:
+    """All branches computed at `computing` steps spread evenly (step k * steps // computing), reused in between:
+    FORA with a fractional interval (`computing` = steps / n is FORA n), for any usage."""
+    if not 1 <= computing <= steps:
+        raise ValueError(f"a spread plan computes 1 to {steps} steps, got {computing}")
+    full = {k * steps // computing for k in range(computing)}
+    return CachePlan.from_rows([[k in full] * branches for k in range(steps)])
+
+
 def l2c_plan(router: Router, threshold: float = DEFAULT_THRESHOLD) -> CachePlan:
     """Learning-to-Cache: odd steps (1st, 3rd, ...) run in full, the others follow the router."""
     routed = router.plan(threshold).compute
@@ -110,6 +119,10 @@ def _fora(steps: int, layout: Sequence[str], _: Router | None, interval: int) ->
     return fora_plan(steps, len(layout), interval)
 
 
+def _spread(steps: int, layout: Sequence[str], _: Router | None, usage: float) -> CachePlan:
+    return spread_plan(steps, len(layout), max(1, round(steps * (1 - usage))))
+
+
 def _delta(steps: int, layout: Sequence[str], _: Router | None, interval: int, usage: float) -> CachePlan:
     return delta_plan(steps, layout, usage, interval)
 
@@ -130,6 +143,13 @@ METHODS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec("none", "no caching: every branch computes at every step", _none),
         MethodSpec("fora", "FORA: all branches every n-th step (interval n), reused in between", _fora, (INTERVAL,)),
+        MethodSpec(
+            "spread",
+            "FORA with a fractional interval: all branches at round(steps x (1 - usage)) steps spread evenly, "
+            "reused in between",
+            _spread,
+            (USAGE,),
+        ),
         MethodSpec(
             "delta",
             "Delta-DiT-style static schedule: between full steps every `interval`, reuse the rear blocks early and "

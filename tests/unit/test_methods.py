@@ -1,11 +1,11 @@
-"""The cache-method registry and the Delta-DiT-style schedule added through it (no torch needed)."""
+"""The cache-method registry and the schedules added through it, Delta-DiT-style and spread (no torch needed)."""
 
 from __future__ import annotations
 
 import pytest
 
 from harmonica_core.cache.delta import delta_plan
-from harmonica_core.cache.methods import METHODS, NEEDS_ROUTER, make_plan, methods_using, parameters
+from harmonica_core.cache.methods import METHODS, NEEDS_ROUTER, make_plan, methods_using, parameters, spread_plan
 
 # 4 blocks with attention and MLP branches, as `branch_layout` names them.
 LAYOUT = [f"{block}.{kind}" for block in range(4) for kind in ("attn", "mlp")]
@@ -30,6 +30,17 @@ def test_delta_lands_near_the_target_usage_and_says_what_it_can_reach():
         delta_plan(20, LAYOUT, usage=0.7, interval=2)
     with pytest.raises(ValueError, match="interval >= 2"):
         delta_plan(20, LAYOUT, usage=0.3, interval=1)
+
+
+def test_a_spread_plan_is_fora_at_a_fractional_interval():
+    plan = make_plan("spread", 20, LAYOUT, usage=0.4, forecast=1)
+    full = [k for k, row in enumerate(plan.compute) if all(row)]
+    assert full == [0, 1, 3, 5, 6, 8, 10, 11, 13, 15, 16, 18] and plan.cache_usage_rate == pytest.approx(0.4)
+    assert not any(any(row) for k, row in enumerate(plan.compute) if k not in full) and plan.forecast == 1
+    assert make_plan("spread", 20, LAYOUT, usage=0.5).compute == make_plan("fora", 20, LAYOUT, interval=2).compute
+    assert make_plan("spread", 20, LAYOUT, usage=0.99).cache_usage_rate == pytest.approx(0.95)  # step 0 computes
+    with pytest.raises(ValueError, match="computes 1 to 20 steps, got 0"):
+        spread_plan(20, len(LAYOUT), 0)
 
 
 def test_every_method_states_its_parameters_and_fills_their_defaults():
