@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         say(
             "try:\n  curl -s -X POST " + base + "/generate -H 'Content-Type: application/json' \\\n"
             '    -d \'{"class_labels": [0,1,2,3], "steps": 20, "acceleration": {"method": "harmonica", '
-            '"router_id": "builtin-digits-iepo-ddim-t20"}}\'\n  curl -s ' + base + "/jobs/<id>   then   curl -s -o "
+            '"router_id": "builtin-digits-image-ddim-t20-x2"}}\'\n  curl -s ' + base + "/jobs/<id>   then   curl -s -o "
             "digit.png " + base + "/jobs/<id>/images/0"
         )
         while not interrupted:

@@ -89,10 +89,12 @@ def make_request(model: Model, batch: int, steps: int) -> GenerationRequest:
 
 
 def router_plan(model: Model, steps: int) -> tuple[str, CachePlan]:
-    """The built-in router's plan on digits; elsewhere a seeded plan reusing about half the branches."""
+    """The built-in IEPO router's plan on digits (the README's speed tables); elsewhere a seeded plan reusing about
+    half the branches."""
     n = len(model.branch_layout)
-    if model.name == "digits" and ("ddim", steps) in builtin_routers():
-        router, _ = load_router(builtin_routers()["ddim", steps], model.router_target("ddim", steps))
+    path = builtin_routers().get(f"builtin-digits-iepo-ddim-t{steps}")
+    if model.name == "digits" and path is not None:
+        router, _ = load_router(path, model.router_target("ddim", steps))
         return "harmonica (built-in router)", make_plan("harmonica", steps, model.branch_layout, router)
     rows = (torch.rand(steps, n, generator=torch.Generator().manual_seed(0)) < 0.5).tolist()
     return "router-like (50%)", CachePlan.from_rows([[True] * n, *rows[1:]])

@@ -75,13 +75,16 @@ MODELS: dict[str, ModelInfo] = {
 }
 
 
-def builtin_routers() -> dict[tuple[str, int], Path]:
-    """Shipped digits routers by (scheduler, steps), named `<objective>_<scheduler>_T<steps>.safetensors`."""
-    routers = {}
-    for path in sorted(BUILTIN_ROUTERS_DIR.glob("iepo_*_T*.safetensors")):
-        _, scheduler, steps = path.stem.rsplit("_", 2)
-        routers[scheduler, int(steps[1:])] = path
-    return routers
+def builtin_routers() -> dict[str, Path]:
+    """Shipped digits routers by id: files named `<objective>_<scheduler>_T<steps>[_x<target speedup>]`, with `p`
+    for a decimal point (`image_ddim_T20_x2p5`), have the id `builtin-digits-` + the name in lowercase with dashes."""
+    paths = sorted(BUILTIN_ROUTERS_DIR.glob("*_T*.safetensors"))
+    return {"builtin-digits-" + path.stem.replace("_", "-").lower(): path for path in paths}
+
+
+def default_builtin_router(scheduler: str, steps: int) -> str:
+    """The id `--router builtin` stands for: the image objective's router at 2x (README, "Built-in routers")."""
+    return f"builtin-digits-image-{scheduler}-t{steps}-x2"
 
 
 def read_safetensors_header(source: str | Path | bytes) -> tuple[dict[str, Any], int]:

@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     methods = "; ".join(f"{name}: {spec.description}" for name, spec in METHODS.items())
     gen.add_argument("--method", choices=list(METHODS), default="none", help=f"cache method ({methods})")
-    gen.add_argument("--router", help="router file (.safetensors) for l2c / harmonica, or 'builtin'")
+    gen.add_argument(
+        "--router",
+        help="router file (.safetensors) for l2c / harmonica; for digits 'builtin' (the 2x router "
+        "for --scheduler and --steps) or a built-in's id (README, 'Built-in routers')",
+    )
     for param in parameters().values():  # each cache method's parameters, from the method registry
         gen.add_argument(f"--{param.name}", type=param.type, help=f"{param.help} (methods: {methods_using(param)})")
     gen.add_argument("--steps", type=int, default=20, help="denoising steps")
@@ -114,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     qb.add_argument("--iterations", type=int, default=380, help="router updates per trained router")
     qb.add_argument(
         "--only",
-        help="comma-separated method groups to run beside `none`: fewer-steps, fora, forecast, delta, iepo, ltc, l2c, "
-        "target (IEPO routers aimed at target speedups), image (image-objective routers aimed at them)",
+        help="comma-separated method groups to run beside `none`: fewer-steps, fora, forecast, spread (with "
+        "forecast), delta, iepo, ltc, l2c, target (IEPO routers aimed at target speedups), image (image-objective "
+        "routers aimed at them)",
     )
     qb.add_argument("--out", type=Path, default=Path("bench/results"))
 
@@ -144,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ROUTER_HELP = "--router PATH (train one with `harmonica train-router`, or 'builtin' for digits)"
+ROUTER_HELP = "--router PATH (train one with `harmonica train-router`), or for digits 'builtin' or a built-in's id"
 
 
 def generation_request(args: argparse.Namespace) -> dict:
@@ -165,7 +170,8 @@ def run_generate(args: argparse.Namespace) -> dict:
 
     path = None
     if args.router is not None and args.method in NEEDS_ROUTER:
-        path = builtin_router(args.model, args.scheduler, args.steps) if args.router == "builtin" else Path(args.router)
+        builtin = args.router == "builtin" or args.router.startswith("builtin-")
+        path = builtin_router(args.model, args.scheduler, args.steps, args.router) if builtin else Path(args.router)
     info = RouterInfo.read(path) if path is not None else None
     req = validate_generation(generation_request(args), Limits.from_env(), info, router_help=ROUTER_HELP)
     accel = req["acceleration"]
@@ -181,14 +187,16 @@ def run_generate(args: argparse.Namespace) -> dict:
     return write_images(result, args.out, req["num_images"], method=accel["method"], model=req["model"])
 
 
-def builtin_router(model: str, scheduler: str, steps: int) -> Path:
-    from .catalog import builtin_routers
+def builtin_router(model: str, scheduler: str, steps: int, name: str) -> Path:
+    """The file of a built-in router: `name` is its id, or `builtin` for the default at this scheduler and steps."""
+    from .catalog import builtin_routers, default_builtin_router
 
     routers = builtin_routers() if model == "digits" else {}
-    if (scheduler, steps) not in routers:
-        available = ", ".join(f"{s} T={t}" for s, t in sorted(routers)) or "none"
-        raise CliError(f"no built-in router for {model} with {scheduler} at {steps} steps (built in: {available})")
-    return routers[scheduler, steps]
+    router_id = default_builtin_router(scheduler, steps) if name == "builtin" else name
+    if router_id not in routers:
+        wanted = f"with {scheduler} at {steps} steps" if name == "builtin" else f"named {name}"
+        raise CliError(f"no built-in router for {model} {wanted} (built in: {', '.join(routers) or 'none'})")
+    return routers[router_id]
 
 
 def training_request(args: argparse.Namespace) -> dict:
@@ -330,7 +338,7 @@ def only_groups(config, groups: str):
     from dataclasses import replace
 
     wanted = {group.strip() for group in groups.split(",") if group.strip()}
-    known = {"fewer-steps", "fora", "forecast", "delta", "target", "image", *config.betas}
+    known = {"fewer-steps", "fora", "forecast", "spread", "delta", "target", "image", *config.betas}
     if not wanted or wanted - known:
         raise CliError(f"--only takes some of {', '.join(sorted(known))}, got {groups!r}")
     return replace(
@@ -338,6 +346,7 @@ def only_groups(config, groups: str):
         fewer_steps=config.fewer_steps if "fewer-steps" in wanted else (),
         fora=config.fora if "fora" in wanted else (),
         forecast=config.forecast if "forecast" in wanted else (),
+        spread=config.spread if "spread" in wanted else (),
         delta=config.delta if "delta" in wanted else (),
         targets=config.targets if "target" in wanted else (),
         image_routers=config.image_routers if "image" in wanted else (),

@@ -42,7 +42,7 @@ class TrainConfig:
     scheduler: str = field(default="ddim", metadata=_help("sampler the router is for", SCHEDULER_NAMES))
     iterations: int = field(default=380, metadata=_help("router updates"))
     batch_size: int = field(default=8, metadata=_help("samples per training trajectory"))
-    lr: float = field(default=0.1, metadata=_help("Adam learning rate"))
+    lr: float = field(default=0.1, metadata=_help("Adam learning rate (the image objective: 0.03, README)"))
     beta: float = field(default=1e-6, metadata=_help("weight of the reuse pressure; higher = more cache use"))
     tau: float = field(
         default=DEFAULT_THRESHOLD, metadata=_help("cache-update threshold in training and the default at inference")

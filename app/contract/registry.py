@@ -92,9 +92,6 @@ class RouterRegistry:
             raise ValueError(f"router owner {owner!r} is not a valid API key name")
         self.store, self.prefix = store, f"routers/{owner}/"
 
-    def _builtin(self) -> dict[str, Path]:
-        return {f"builtin-digits-{path.stem.replace('_', '-').lower()}": path for path in builtin_routers().values()}
-
     def key_for(self, router_id: str) -> str:
         """Where the owner's trained router with this id is (or will be) stored."""
         if not ROUTER_ID.fullmatch(router_id):
@@ -103,7 +100,7 @@ class RouterRegistry:
 
     def get(self, router_id: str) -> RouterEntry | None:
         """A built-in router or one of the owner's; None for another owner's, as for an unknown id."""
-        builtin = self._builtin()
+        builtin = builtin_routers()
         if router_id in builtin:
             return _builtin_entry(router_id, builtin[router_id])
         if not ROUTER_ID.fullmatch(router_id):
@@ -136,7 +133,7 @@ class RouterRegistry:
 
     def all(self) -> list[RouterEntry]:
         """The built-in routers, then the owner's."""
-        entries = [_builtin_entry(router_id, path) for router_id, path in self._builtin().items()]
+        entries = [_builtin_entry(router_id, path) for router_id, path in builtin_routers().items()]
         for info in self.store.list(self.prefix):
             name = info.key.removeprefix(self.prefix)
             if "/" not in name and name.endswith(".safetensors"):

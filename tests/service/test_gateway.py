@@ -205,7 +205,8 @@ def test_trained_routers_belong_to_the_key_that_trained_them(gateway):
     assert router_id == trained_router_id("Mine T20", job_id) != trained_router_id("Mine T20", new_job_id())
     assert router_id.startswith("mine-t20-") and job_id[:8] not in router_id  # the id does not reveal the job
     registry = RouterRegistry(open_store(get_settings()), "alice")
-    registry.store.put_bytes(registry.key_for(router_id), builtin_routers()[("ddim", 20)].read_bytes())
+    builtin = builtin_routers()["builtin-digits-iepo-ddim-t20"]
+    registry.store.put_bytes(registry.key_for(router_id), builtin.read_bytes())
 
     def router_ids(headers: dict[str, str]) -> tuple[set[str], set[str]]:
         listed = {r["id"] for r in gateway.get("/routers", headers=headers).json()}
@@ -225,7 +226,7 @@ def test_trained_routers_belong_to_the_key_that_trained_them(gateway):
 
 
 def test_router_files_download_upload_and_delete_for_their_owner_only(gateway):
-    builtin = builtin_routers()[("ddim", 20)]
+    builtin = builtin_routers()["builtin-digits-iepo-ddim-t20"]
     data = builtin.read_bytes()
     download = gateway.get("/routers/builtin-digits-iepo-ddim-t20/file")
     assert download.status_code == 200 and download.content == data

@@ -23,7 +23,7 @@ from app.embedded_redis import free_port
 from harmonica_core.catalog import builtin_routers
 from tests.servicekit import s3_server
 
-ROUTER = builtin_routers()[("ddim", 20)].read_bytes()
+ROUTER = builtin_routers()["builtin-digits-iepo-ddim-t20"].read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,7 @@ def test_bench_quality_runs_only_the_groups_asked_for():
     assert config.fora and config.delta and config.fewer_steps == () and config.betas == {} and config.targets == ()
     assert only_groups(QualityBenchConfig(), "target").targets == QualityBenchConfig().targets
     assert config.image_routers == () and only_groups(QualityBenchConfig(), "image").image_routers
+    assert config.spread == () and only_groups(QualityBenchConfig(), "spread").spread == QualityBenchConfig().spread
     assert main(["bench", "quality", "--only", "magic", "--out", "unused"]) == 2
 
 
@@ -73,7 +74,7 @@ def test_measure_router_records_a_new_measurement_and_keeps_the_logits(tmp_path,
     from harmonica_core.router import read_router
 
     path = tmp_path / "router.safetensors"
-    shutil.copy(builtin_routers()["ddim", 10], path)
+    shutil.copy(builtin_routers()["builtin-digits-iepo-ddim-t10"], path)
     before, old = read_router(path)
     assert main(["measure-router", "--router", str(path), "--samples", "10", "--write"]) == 0
     after, new = read_router(path)

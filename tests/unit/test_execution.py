@@ -71,7 +71,7 @@ def _plans(model: Model, steps: int) -> dict[str, CachePlan]:
 def test_every_mode_generates_the_eager_images_with_the_same_counts(mode, digits):
     short = GenerationRequest(class_labels=[3, 8], steps=10, guidance=1.5, seed=4)
     runs = [(short, plan) for plan in _plans(digits, 10).values()]
-    router, _ = load_router(builtin_routers()["ddim", 20], digits.router_target("ddim", 20))
+    router, _ = load_router(builtin_routers()["builtin-digits-iepo-ddim-t20"], digits.router_target("ddim", 20))
     plan = make_plan("harmonica", 20, digits.branch_layout, router)
     runs.append((GenerationRequest(class_labels=[3, 8], steps=20), plan))
     for request, plan in runs:

@@ -11,7 +11,7 @@ from harmonica_core.quality_bench import QualityBenchConfig, format_table, forma
 
 def test_quality_bench_smoke(tmp_path):
     config = QualityBenchConfig(
-        steps=3, samples=10, fewer_steps=(2,), fora=(2,), forecast=((2, 1),), delta=((2, 0.3),),
+        steps=3, samples=10, fewer_steps=(2,), fora=(2,), forecast=((2, 1),), spread=(0.3,), delta=((2, 0.3),),
         betas={"iepo": (1e-4,), "ltc": (1e-2,), "l2c": (1e-2,)},
         iterations=4, batch_size=2, lambda_every=2, timing_batch=2, timing_repeats=1,
         targets=(1.5,), target_seeds=(0,), target_iterations=4, image_routers=((1.5, 0),), image_iterations=2,
@@ -23,6 +23,7 @@ def test_quality_bench_smoke(tmp_path):
         "fewer steps T=2",
         "fora n=2",
         "fora n=2 forecast 1",
+        "spread u=0.3 forecast 1",
         "delta n=2 u=0.3",
         "iepo beta=0.0001",
         "ltc beta=0.01",
@@ -36,6 +37,7 @@ def test_quality_bench_smoke(tmp_path):
     assert rows["fora n=2"]["cache_usage_rate"] == pytest.approx(1 / 3) and rows["fora n=2"]["mse"] > 0
     forecast = rows["fora n=2 forecast 1"]
     assert forecast["group"] == "fora+forecast" and forecast["cache_usage_rate"] == rows["fora n=2"]["cache_usage_rate"]
+    assert rows["spread u=0.3 forecast 1"]["cache_usage_rate"] == pytest.approx(1 / 3)  # 2 of 3 steps computed
     assert 0 < rows["delta n=2 u=0.3"]["cache_usage_rate"] <= 1 / 3 and rows["delta n=2 u=0.3"]["group"] == "delta"
     assert json.loads((tmp_path / "quality_digits_T3.json").read_text())["rows"] == json.loads(
         json.dumps(result["rows"])

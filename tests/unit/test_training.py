@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harmonica_core.cache.hooks import CacheState
+from harmonica_core.catalog import builtin_routers
 from harmonica_core.cli import main
 from harmonica_core.digits.data import digits_split
 from harmonica_core.router import PINNED_LOGIT, Router, read_router
@@ -269,20 +270,30 @@ def test_cli_router_is_accepted_by_generate_and_refused_for_other_steps(tmp_path
     assert "was trained for steps 4, not 5" in capsys.readouterr().err  # refused before the model loads
 
 
-@pytest.mark.parametrize("steps", [10, 20])
-def test_builtin_routers_ship_for_digits_and_meet_their_metadata(digits, steps):
-    from harmonica_core.catalog import builtin_routers
+@pytest.mark.parametrize("router_id", sorted(builtin_routers()))
+def test_builtin_routers_ship_for_digits_and_meet_their_metadata(digits, router_id):
     from harmonica_core.router import load_router
 
-    path = builtin_routers()["ddim", steps]
-    router, metadata = load_router(path, digits.router_target("ddim", steps))
-    assert metadata.training["objective"] == "iepo" and metadata.quality["cache_usage_rate"] > 0.2
+    _, header = read_router(builtin_routers()[router_id])
+    router, metadata = load_router(builtin_routers()[router_id], digits.router_target("ddim", header.target.steps))
     assert router.plan(metadata.threshold).cache_usage_rate == pytest.approx(metadata.quality["cache_usage_rate"])
+    assert metadata.quality["samples"] >= 200 and metadata.quality["cache_usage_rate"] > 0.2
+    objective, target = metadata.training["objective"], metadata.training.get("target_speedup")
+    assert router_id.startswith(f"builtin-digits-{objective}-ddim-t{header.target.steps}")
+    if objective == "image":  # aimed at the speedup its id names, and landed within 5 % of it
+        assert router_id.endswith("-x" + f"{target:g}".replace(".", "p"))
+        assert metadata.quality["theoretical_speedup"] == pytest.approx(target, rel=0.05)
 
 
-def test_builtin_router_is_refused_where_none_ships(tmp_path, capsys):
-    args = ["generate", "--method", "harmonica", "--router", "builtin", "--steps", "7", "--out", str(tmp_path)]
-    assert main(args) == 2
-    assert (
-        "no built-in router for digits with ddim at 7 steps (built in: ddim T=10, ddim T=20)" in capsys.readouterr().err
-    )
+def test_builtin_routers_are_named_by_id_and_builtin_is_the_2x_image_router(tmp_path, capsys):
+    from harmonica_core.cli import builtin_router
+
+    assert builtin_router("digits", "ddim", 20, "builtin") == builtin_routers()["builtin-digits-image-ddim-t20-x2"]
+    args = ["generate", "--method", "harmonica", "--steps", "10", "--num-images", "2", "--out", str(tmp_path)]
+    assert main([*args, "--router", "builtin-digits-image-ddim-t10-x2p5"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["method"] == "harmonica"
+    assert main([*args, "--router", "builtin-digits-magic"]) == 2
+    refusal = "no built-in router for digits named builtin-digits-magic (built in: builtin-digits-"
+    assert refusal in capsys.readouterr().err
+    assert main([*args, "--router", "builtin", "--steps", "7"]) == 2
+    assert "no built-in router for digits with ddim at 7 steps (built in: builtin-digits-" in capsys.readouterr().err

@@ -103,7 +103,7 @@ EXAMPLES = {  # each is POSTed by tests/service/test_docs.py and must be accepte
             "num_images": 2,
             "steps": 20,
             "seed": 0,
-            "acceleration": {"method": "harmonica", "router_id": "builtin-digits-iepo-ddim-t20"},
+            "acceleration": {"method": "harmonica", "router_id": "builtin-digits-image-ddim-t20-x2"},
         },
     },
     "fora": {
