@@ -25,8 +25,8 @@ from harmonica_core.validation import (
     validate_training,
 )
 
-T20 = builtin_routers()["builtin-digits-iepo-ddim-t20"]
 T20_ID = "builtin-digits-iepo-ddim-t20"
+T20 = builtin_routers()[T20_ID]
 DIT, PIXART = "facebook/DiT-XL-2-256", "PixArt-alpha/PixArt-XL-2-512x512"
 SERVED = f"digits,{DIT},{PIXART}"
 
