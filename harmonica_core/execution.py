@@ -167,7 +167,7 @@ def transformer_forward(
 ) -> Iterator[Forward]:
     """The forward of `mode` (resolved: `resolve_mode`) for one generation, with the plan attached for as long
     as the block runs."""
-    mode, reuse = resolve_mode(model, mode, plan), reuse_strategy(plan.forecast)
+    mode, reuse = resolve_mode(model, mode, plan), reuse_strategy(plan.forecast, plan.forecast_weights)
     if mode != "eager":
         planned = PlannedForward(model, plan, cond, timesteps, compiled=mode != "precomputed", reuse=reuse)
         yield GraphedForward(planned) if mode == "graphs" else planned

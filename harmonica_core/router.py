@@ -1,8 +1,8 @@
 """The learnable router, its thresholding into a plan, and its file format (ALGORITHM.md §2).
 
-A router file is one safetensors file: the [T, N] logits plus JSON metadata under the key `harmonica`
-that records what it was trained for. Loading it for another model, scheduler or step count raises
-`RouterMismatchError` naming the field that differs.
+A router file is one safetensors file: the [T, N] logits (and, where it learned them, its forecast's weights
+[T, N, order]) plus JSON metadata under the key `harmonica` that records what it was trained for. Loading it
+for another model, scheduler or step count raises `RouterMismatchError` naming the field that differs.
 """
 
 from __future__ import annotations
@@ -42,13 +42,20 @@ class Router(nn.Module):
     Each trained row (steps 1 to T - 1) is a parameter of its own, as in the released code (a router per step),
     so an optimizer can keep one state and step count per row: a row whose gradient `release_idle_grads` drops
     does not move on its momentum from earlier updates.
+
+    With `forecast` > 0 the router also holds the weights of that order's forecast terms per step and branch
+    (`hooks.ForecastReuse`), how far to trust each extrapolation, learned with the plan. They start as the first
+    order forecast (1 for the slope, 0 for higher terms): without training it is the best (README).
     """
 
-    def __init__(self, steps: int, branches: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, steps: int, branches: int, generator: torch.Generator | None = None, forecast: int = 0) -> None:
         super().__init__()
         logits = torch.randn(steps, branches, generator=generator)
         self.rows = nn.ParameterList(nn.Parameter(row.clone()) for row in logits[1:])
         self.register_buffer("pinned", torch.full((1, branches), PINNED_LOGIT))
+        start = torch.zeros(steps, branches, forecast)
+        start[..., :1] = 1.0
+        self.forecast_weights = nn.Parameter(start) if forecast else None
 
     @property
     def logits(self) -> torch.Tensor:
@@ -68,12 +75,16 @@ class Router(nn.Module):
         return torch.sigmoid(self.logits)
 
     @torch.no_grad()
-    def load_(self, logits: torch.Tensor) -> None:
-        """Take trained logits [T, N] (row 0 is pinned whatever it holds)."""
+    def load_(self, logits: torch.Tensor, forecast_weights: torch.Tensor | None = None) -> None:
+        """Take trained logits [T, N] (row 0 is pinned whatever it holds), and forecast weights where it has them."""
         if tuple(logits.shape) != (self.steps, self.branches):
             raise ValueError(f"logits of shape {tuple(logits.shape)} for a {self.steps} x {self.branches} router")
         for row, values in zip(self.rows, logits[1:], strict=True):
             row.copy_(values)
+        if forecast_weights is not None:
+            if self.forecast_weights is None or forecast_weights.shape != self.forecast_weights.shape:
+                raise ValueError(f"forecast weights of shape {tuple(forecast_weights.shape)} for this router")
+            self.forecast_weights.copy_(forecast_weights)
 
     def release_idle_grads(self) -> None:
         """Between backward and the optimizer step: rows whose gradient is all zero get none, so the optimizer
@@ -88,10 +99,17 @@ class Router(nn.Module):
         for row in self.rows:
             row.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
+    @property
+    def forecast(self) -> int:
+        """The forecast order whose weights it learned (0: none)."""
+        return 0 if self.forecast_weights is None else self.forecast_weights.shape[2]
+
     @torch.no_grad()
     def plan(self, threshold: float = DEFAULT_THRESHOLD) -> CachePlan:
-        """The static inference plan: compute where r > threshold (computed once per generation)."""
-        return CachePlan.from_rows((self() > threshold).tolist())
+        """The static inference plan: compute where r > threshold (computed once per generation), with the
+        forecast weights it learned."""
+        weights = None if self.forecast_weights is None else self.forecast_weights.tolist()
+        return CachePlan.from_rows((self() > threshold).tolist(), self.forecast, weights)
 
 
 @dataclass(frozen=True)
@@ -126,7 +144,9 @@ def save_router(path: str | Path, router: Router, metadata: RouterMetadata) -> P
     if router.steps != metadata.target.steps or router.branches != len(metadata.target.branch_layout):
         raise ValueError("router shape does not match its metadata (steps x branch layout)")
     blob = json.dumps(asdict(metadata), sort_keys=True)
-    save_file({"logits": router.logits.detach().float().cpu().contiguous()}, str(path), {"harmonica": blob})
+    tensors = {"logits": router.logits, "forecast_weights": router.forecast_weights}
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items() if t is not None}
+    save_file(tensors, str(path), {"harmonica": blob})
     return path
 
 
@@ -137,9 +157,10 @@ def read_router(path: str | Path) -> tuple[Router, RouterMetadata]:
         raise FileNotFoundError(f"no router file at {path}")
     data = read_router_metadata(path)
     metadata = RouterMetadata(**{**data, "target": RouterTarget(**data["target"])})
-    logits = load_file(str(path))["logits"]
-    router = Router(*logits.shape)
-    router.load_(logits)
+    tensors = load_file(str(path))
+    logits, weights = tensors["logits"], tensors.get("forecast_weights")
+    router = Router(*logits.shape, forecast=0 if weights is None else weights.shape[2])
+    router.load_(logits, weights)
     return router, metadata
 
 

@@ -42,7 +42,9 @@ class TrainConfig:
     scheduler: str = field(default="ddim", metadata=_help("sampler the router is for", SCHEDULER_NAMES))
     iterations: int = field(default=380, metadata=_help("router updates"))
     batch_size: int = field(default=8, metadata=_help("samples per training trajectory"))
-    lr: float = field(default=0.1, metadata=_help("Adam learning rate (the image objective: 0.03, README)"))
+    lr: float = field(
+        default=0.1, metadata=_help("Adam learning rate (the image objective: 0.03, README, decayed on a cosine to 0)")
+    )
     beta: float = field(default=1e-6, metadata=_help("weight of the reuse pressure; higher = more cache use"))
     tau: float = field(
         default=DEFAULT_THRESHOLD, metadata=_help("cache-update threshold in training and the default at inference")
@@ -55,7 +57,8 @@ class TrainConfig:
         default=0,
         metadata=_help(
             "what a reused branch returns, in training and then at inference: 0 its last output, 1 or 2 a forecast "
-            "of that order (the router learns where forecasting is safe)"
+            "of that order (the router learns where forecasting is safe; the image objective also learns how far "
+            "to trust each term of it, per step and branch, starting from the first order)"
         ),
     )
     target_speedup: float | None = field(

@@ -93,6 +93,7 @@ class _Checkpoint:
     generator: torch.Tensor
     config: dict[str, Any]
     beta: float | None = None  # adapted towards a target speedup (None in checkpoints from before it)
+    forecast_weights: torch.Tensor | None = None  # the image objective's, with a forecast
 
 
 def cache_usage_at(probs: torch.Tensor, tau: float) -> float:
@@ -339,7 +340,8 @@ def train_router(
     world.check_batch(config.batch_size)
     data = data or TrainData()
     generator = torch.Generator().manual_seed(config.seed)
-    router = Router(config.steps, len(model.branch_layout), generator=generator)
+    learns_forecast = config.forecast if config.objective == "image" else 0
+    router = Router(config.steps, len(model.branch_layout), generator=generator, forecast=learns_forecast)
     if config.objective == "image":
         router.load_(spread_logits(model, config, generator))
     router = router.to(model.device)
@@ -350,14 +352,16 @@ def train_router(
         saved = _Checkpoint(**torch.load(checkpoint, weights_only=False))
         if saved.config != asdict(config):
             raise ValueError(f"checkpoint {checkpoint} was written for another training config; delete it or match it")
-        router.load_(saved.logits)
+        router.load_(saved.logits, saved.forecast_weights)
         optimizer.load_state_dict(saved.optimizer)
         updates, lambdas, next_refresh = saved.updates, saved.lambdas, saved.next_refresh
         beta = config.beta if saved.beta is None else saved.beta
         generator.set_state(saved.generator)
 
     soft = CacheConfig(
-        soft_weights=router().detach(), update_threshold=config.tau, reuse=reuse_strategy(config.forecast)
+        soft_weights=router().detach(),
+        update_threshold=config.tau,
+        reuse=reuse_strategy(config.forecast, router.forecast_weights),
     )
     step = {"l2c": _l2c_update, "image": _image_update}.get(config.objective, _sdt_trajectory)
     model.transformer.requires_grad_(not config.frozen)
@@ -380,6 +384,9 @@ def train_router(
             while updates < config.iterations:
                 if checkpoint is not None and world.main:
                     _save(checkpoint, run, updates)
+                if config.objective == "image":  # cosine decay: a late batch of outliers cannot undo the run
+                    for group in optimizer.param_groups:
+                        group["lr"] = config.lr * (1 + math.cos(math.pi * updates / config.iterations)) / 2
                 updates = step(run, updates)
     finally:
         model.transformer.requires_grad_(False)
@@ -432,8 +439,10 @@ def _image_update(run: _Run, updates: int) -> int:
 
     A value is pushed by its error gradient plus beta times its branch's cost, beta being the benefit per cost at
     the plan's edge (the gradients averaged over the ranks): the entries that help most per MAC rise, the rest
-    fall, and the plan stays at the target whatever the values' scale. Memory: T student passes in the graph."""
-    config, state, world = run.config, run.state, run.world
+    fall, and the plan stays at the target whatever the values' scale. With a forecast, the same error trains the
+    weights of its terms at every reused entry (`Router.forecast_weights`). Memory: T student passes in the
+    graph."""
+    config, state, world, weights = run.config, run.state, run.world, run.router.forecast_weights
     noise, cond, _ = run.batch()
     target = run.sample(noise, cond, teacher=True)
     probs = run.parallel()
@@ -442,13 +451,15 @@ def _image_update(run: _Run, updates: int) -> int:
     compute[0] = 1.0
     state.use_weights(compute + probs - probs.detach())
     error = F.mse_loss(run.sample(noise, cond), target)
-    (gradient,) = torch.autograd.grad(error, probs)
+    gradient, *weights_gradient = torch.autograd.grad(error, [probs] + ([] if weights is None else [weights]))
     gradient = world.mean(gradient)[1:]
     cost = run.branch_costs.to(gradient)
     edge = int(compute[1:].sum().item())
     benefit = (-gradient / cost).flatten().sort(descending=True).values
     run.beta = benefit[edge - 1].item() if edge else benefit[0].item()
     push = ((gradient + run.beta * cost) * probs[1:]).sum()
+    if weights is not None:  # their gradient as it is: the error is all they answer to
+        push = push + (world.mean(weights_gradient[0]) * weights).sum()
     return run.update(push, updates, reported=error)
 
 
@@ -475,9 +486,11 @@ def _l2c_update(run: _Run, updates: int) -> int:
 
 def _save(path: Path, run: _Run, updates: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    weights = run.router.forecast_weights
     state = _Checkpoint(
         run.router.logits.detach().cpu().clone(), run.optimizer.state_dict(), updates, list(run.lambdas),
         run.next_refresh, run.generator.get_state(), asdict(run.config), run.beta,
+        None if weights is None else weights.detach().cpu().clone(),
     )  # fmt: skip
     tmp = path.with_suffix(".tmp")
     torch.save(asdict(state), tmp)

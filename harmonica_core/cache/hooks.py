@@ -24,7 +24,7 @@ from torch import nn
 
 from ..branches import Branch, find_branches
 from .methods import DEFAULT_THRESHOLD
-from .plan import CachePlan
+from .plan import CachePlan, ForecastWeights
 
 BRANCH_HOOK = "harmonica_branch_cache"
 STEP_HOOK = "harmonica_step_counter"
@@ -71,12 +71,15 @@ class ForecastReuse:
     """A reused branch's output extrapolated from its last `order + 1` computed outputs, as a polynomial in the
     step index through them (Newton's divided differences): order 1 continues the last change linearly, order 2
     its curvature too (TaylorSeer, arXiv 2503.06923, with step-index differences). Until a branch has that many
-    computed outputs it uses the lower orders it has. Memory: `order` more tensors per branch than copy reuse."""
+    computed outputs it uses the lower orders it has. Memory: `order` more tensors per branch than copy reuse.
 
-    def __init__(self, order: int = 1) -> None:
+    `weights[step][branch][level - 1]` scales the Newton term of that level where given (learned by the image
+    objective; a tensor in training, so the error reaches them): 1 everywhere is the plain forecast, 0 is copy."""
+
+    def __init__(self, order: int = 1, weights: ForecastWeights | torch.Tensor | None = None) -> None:
         if order < 1:
             raise ValueError(f"a forecast has order 1 or more, got {order} (order 0 is CopyReuse)")
-        self.order = order
+        self.order, self.weights = order, weights
         self.history: list[list[tuple[int, torch.Tensor]]] = []
 
     def reset(self, branches: int) -> None:
@@ -99,16 +102,17 @@ class ForecastReuse:
         for level in range(1, len(points)):
             table = [(b - a) / (steps[i + level] - steps[i]) for i, (a, b) in enumerate(itertools.pairwise(table))]
             basis *= step - steps[-level]
-            forecast = forecast + basis * table[-1]
+            weight = 1.0 if self.weights is None else self.weights[step][index][level - 1]
+            forecast = forecast + weight * basis * table[-1]
         return forecast
 
     def detach(self) -> None:
         self.history = [[(k, value.detach()) for k, value in points] for points in self.history]
 
 
-def reuse_strategy(forecast: int) -> ReuseStrategy:
-    """The reuse a plan asks for: copy (0), or a forecast of that order."""
-    return ForecastReuse(forecast) if forecast else CopyReuse()
+def reuse_strategy(forecast: int, weights: ForecastWeights | torch.Tensor | None = None) -> ReuseStrategy:
+    """The reuse a plan asks for: copy (0), or a forecast of that order (with learned `weights` where given)."""
+    return ForecastReuse(forecast, weights) if forecast else CopyReuse()
 
 
 @dataclass

@@ -54,6 +54,8 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r} needs a router (train one with `harmonica train-router`)")
         plan = self.factory(steps, layout, router, **self.values(**params))
         common = {p.name: params[p.name] for p in COMMON_PARAMS if params.get(p.name) is not None}
+        if common.get("forecast", plan.forecast) != plan.forecast:  # a router's weights are for its own order
+            common["forecast_weights"] = None
         return replace(plan, **common)  # None keeps the plan's default (copy)
 
 

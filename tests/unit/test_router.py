@@ -44,6 +44,13 @@ def test_round_trip_and_refusal_of_mismatched_settings(digits, tmp_path):
     assert metadata.threshold == 0.2 and metadata.training == {"beta": 1e-7} and metadata.target == target
     assert make_plan("harmonica", 10, digits.branch_layout, loaded) == router.plan(0.1)
 
+    learned = Router(10, len(digits.branch_layout), forecast=1)  # forecast weights travel in the file
+    with torch.no_grad():
+        learned.forecast_weights.uniform_()
+    path_learned = save_router(tmp_path / "f.safetensors", learned, RouterMetadata(target))
+    again, _ = load_router(path_learned, target)
+    assert torch.equal(again.forecast_weights, learned.forecast_weights) and again.plan(0.1) == learned.plan(0.1)
+
     with pytest.raises(RouterMismatchError, match=r"'steps'.*10.*20") as error:
         load_router(path, digits.router_target("ddim", 20))
     assert error.value.field == "steps"

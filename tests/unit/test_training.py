@@ -99,11 +99,12 @@ def test_the_image_objective_starts_from_the_spread_plan_and_trains_every_step_a
     assert [bool(row[0] > 0) for row in start] == [k % 2 == 0 for k in range(20)]  # FORA n = 2 at 2x
     assert all(len({bool(v > 0) for v in row}) == 1 for row in start)
 
-    grads: list[torch.Tensor] = []
+    grads: list[dict[tuple[int, ...], torch.Tensor]] = []
     original = torch.optim.AdamW.step
 
     def spy(self, *args, **kwargs):
-        grads.append(torch.stack([p.grad.clone() for p in self.param_groups[0]["params"]]))
+        params = self.param_groups[0]["params"]
+        grads.append({p.shape: torch.stack([q.grad.clone() for q in params if q.shape == p.shape]) for p in params})
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
@@ -111,7 +112,10 @@ def test_the_image_objective_starts_from_the_spread_plan_and_trains_every_step_a
     config = small(objective="image", steps=6, iterations=2, target_speedup=1.5, forecast=1)
     router = train_router(digits, config, on_progress=log.append)
     # one update per trajectory, and the final image's error reaches every trained row
-    assert len(grads) == 2 and grads[0].abs().sum(dim=1).gt(0).all()
+    rows, weights = grads[0][(len(digits.branch_layout),)], grads[0][(6, len(digits.branch_layout), 1)][0]
+    assert len(grads) == 2 and rows.abs().sum(dim=1).gt(0).all()
+    # ... and the forecast's weights, which act from step 2 on (a reuse at step 1 has one computed output: a copy)
+    assert weights[2:].abs().sum() > 0 and weights[:2].abs().sum() == 0
     # the plan trained is the one closest to the target
     reachable = plan_speedups(digits, config)
     probs = router().detach()
@@ -220,8 +224,11 @@ def test_larger_beta_gives_more_reuse_and_training_lowers_the_loss(digits):
     assert rates[1e-3] > rates[0.0]
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(digits, tmp_path):
-    config = small(iterations=9)
+@pytest.mark.parametrize(
+    "overrides", [{}, {"objective": "image", "target_speedup": 1.5, "forecast": 2}], ids=["iepo", "image-forecast"]
+)
+def test_resume_after_interruption_matches_an_uninterrupted_run(digits, tmp_path, overrides):
+    config = small(iterations=9, **overrides)
     reference = train_router(digits, config)
 
     def stop_midway(progress: TrainProgress) -> None:
@@ -233,6 +240,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(digits, tmp_path
         train_router(digits, config, on_progress=stop_midway, checkpoint=checkpoint)
     resumed = train_router(digits, config, checkpoint=checkpoint)
     assert torch.equal(resumed.logits, reference.logits)
+    if overrides:  # the forecast's learned weights resume too, and moved off their first-order start
+        assert torch.equal(resumed.forecast_weights, reference.forecast_weights)
+        assert not torch.equal(
+            resumed.forecast_weights, Router(4, len(digits.branch_layout), forecast=2).forecast_weights
+        )
     with pytest.raises(ValueError, match="another training config"):
         train_router(digits, small(iterations=10), checkpoint=checkpoint)
 
