@@ -83,7 +83,10 @@ class Router(nn.Module):
             row.copy_(values)
         if forecast_weights is not None:
             if self.forecast_weights is None or forecast_weights.shape != self.forecast_weights.shape:
-                raise ValueError(f"forecast weights of shape {tuple(forecast_weights.shape)} for this router")
+                raise ValueError(
+                    f"forecast weights of shape {tuple(forecast_weights.shape)} for a {self.steps} x {self.branches} "
+                    f"router (they are {self.steps} x {self.branches} x the forecast order)"
+                )
             self.forecast_weights.copy_(forecast_weights)
 
     def release_idle_grads(self) -> None:
@@ -159,7 +162,7 @@ def read_router(path: str | Path) -> tuple[Router, RouterMetadata]:
     metadata = RouterMetadata(**{**data, "target": RouterTarget(**data["target"])})
     tensors = load_file(str(path))
     logits, weights = tensors["logits"], tensors.get("forecast_weights")
-    router = Router(*logits.shape, forecast=0 if weights is None else weights.shape[2])
+    router = Router(*logits.shape, forecast=0 if weights is None else weights.shape[-1])  # load_ checks the rest
     router.load_(logits, weights)
     return router, metadata
 

@@ -43,7 +43,7 @@ class TrainConfig:
     iterations: int = field(default=380, metadata=_help("router updates"))
     batch_size: int = field(default=8, metadata=_help("samples per training trajectory"))
     lr: float = field(
-        default=0.1, metadata=_help("Adam learning rate (the image objective: 0.03, README, decayed on a cosine to 0)")
+        default=0.1, metadata=_help("Adam learning rate (the image objective: 0.05, README, decayed on a cosine to 0)")
     )
     beta: float = field(default=1e-6, metadata=_help("weight of the reuse pressure; higher = more cache use"))
     tau: float = field(

@@ -13,6 +13,7 @@ from harmonica_core.router import (
     Router,
     RouterMetadata,
     RouterMismatchError,
+    RouterTarget,
     load_router,
     read_router,
     save_router,
@@ -66,11 +67,21 @@ def test_round_trip_and_refusal_of_mismatched_settings(digits, tmp_path):
 def test_unreadable_router_files_are_refused_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no router file"):
         read_router(tmp_path / "missing.safetensors")
-    from safetensors.torch import save_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not a HarmoniCa router"):
         read_router(tmp_path / "plain.safetensors")
+    target = RouterTarget("DiT", "0" * 16, ["0.attn", "0.mlp"], "DDIMScheduler", {}, 4, [750, 500, 250, 0])
+    path = save_router(tmp_path / "r.safetensors", Router(4, 2), RouterMetadata(target))
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as file:
+        metadata = file.metadata()
+    for shape in [(5,), (4, 2, 1, 2), (3, 2, 1)]:  # forecast weights of another shape than [T, N, order]
+        save_file(tensors | {"forecast_weights": torch.ones(shape)}, str(path), metadata)
+        with pytest.raises(ValueError, match="4 x 2 x the forecast order"):
+            read_router(path)
 
 
 def test_methods_that_need_a_router_say_so():
