@@ -4,25 +4,24 @@
 # DiT-XL/2 at 256 px and PixArt-XL/2 at 512 px, fp16) and `batching` (the in-process batching ceiling of
 # DiT-XL/2). Results and one log per run go to $OUT (default bench/results/gpu).
 #
-#     bash bench/gpu.sh                       # all parts
-#     bash bench/gpu.sh tests dit batching    # some
+#     bash bench/gpu.sh                       # all parts, the floors of #11 first
+#     bash bench/gpu.sh tests dit             # some
 set -u
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
-parts=${*:-tests dit pixart batching}
+parts=${*:-dit tests batching pixart}
 exec > >(tee "$OUT/gpu-${parts// /-}.log") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 $PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 for part in $parts; do
     echo "== $part"
     case $part in
-    tests) timeout 150 $PY -m pytest -q -p no:cacheprovider tests/unit/test_graphs.py ;;
-    dit) timeout 240 $PY bench/speed.py --device cuda --model dit-xl --repeats 3 --out "$OUT" ;;
-    pixart) timeout 240 $PY bench/speed.py --device cuda --model pixart-xl --repeats 3 \
-        --mode precomputed compiled graphs --out "$OUT" ;;
-    batching) timeout 90 $PY bench/batching.py --in-process --device cuda --model dit-xl --mode graphs --out "$OUT" ;;
+    tests) timeout 110 $PY -m pytest -q -p no:cacheprovider tests/unit/test_graphs.py ;;
+    dit) timeout 230 $PY bench/speed.py --device cuda --model dit-xl --repeats 5 --out "$OUT" ;;
+    pixart) timeout 150 $PY bench/speed.py --device cuda --model pixart-xl --repeats 3 --mode graphs --out "$OUT" ;;
+    batching) timeout 80 $PY bench/batching.py --in-process --device cuda --model dit-xl --mode graphs --out "$OUT" ;;
     *) echo "unknown part $part: choose from tests dit pixart batching" && exit 2 ;;
     esac
     echo "== $part: exit $?"

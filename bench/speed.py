@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel, PixArtAlphaPipeline, PixArtTransformer2DModel
+from diffusers import DDIMScheduler, DiTTransformer2DModel
 from service_load import cpu_model  # bench/ is this script's folder, so first on sys.path
 from tqdm import tqdm
 
@@ -67,7 +67,9 @@ def build_model(name: str, device: str) -> Model:
     if name == "dit-xl":
         transformer = DiTTransformer2DModel(**DIT_XL_2_256)
         model = Model("random DiT-XL/2 256px", "dit", transformer, DDIMScheduler())
-    else:
+    else:  # the PixArt pipeline imports transformers' T5: only where asked for
+        from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+
         transformer = PixArtTransformer2DModel(**PIXART_XL_2_512)
         pipe = PixArtAlphaPipeline(
             tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=DDIMScheduler()

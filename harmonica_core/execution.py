@@ -59,14 +59,15 @@ class Forward(Protocol):
     computed: int
     reused: int
 
-    def __call__(self, batch: torch.Tensor, timestep: torch.Tensor, k: int) -> torch.Tensor: ...
+    def __call__(self, batch: torch.Tensor, k: int) -> torch.Tensor: ...
 
 
 class EagerForward:
     """diffusers' forward; the hooks of `branch_cache` follow the plan and count the branches."""
 
-    def __init__(self, model: Model, cond: Conditioning, state: CacheState) -> None:
+    def __init__(self, model: Model, cond: Conditioning, timesteps: torch.Tensor, state: CacheState) -> None:
         self.transformer, self.kwargs, self.state = model.transformer, cond.kwargs, state
+        self.timesteps = timesteps.to(model.device)  # one copy from the host per generation, not one per step
 
     @property
     def computed(self) -> int:
@@ -76,7 +77,8 @@ class EagerForward:
     def reused(self) -> int:
         return self.state.reused
 
-    def __call__(self, batch: torch.Tensor, timestep: torch.Tensor, k: int) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, k: int) -> torch.Tensor:
+        timestep = self.timesteps[k].expand(batch.shape[0])
         return self.transformer(batch, timestep=timestep, return_dict=False, **self.kwargs)[0]
 
 
@@ -120,7 +122,7 @@ class PlannedForward:
         self.reuse.reset(len(branches))
         self.computed = self.reused = 0
 
-    def __call__(self, batch: torch.Tensor, timestep: torch.Tensor, k: int) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, k: int) -> torch.Tensor:
         row, reuse = self.plan.compute[k], self.reuse
         x = self.transformer.pos_embed(batch)
         blocks = self.transformer.transformer_blocks
@@ -173,7 +175,7 @@ def transformer_forward(
         yield GraphedForward(planned) if mode == "graphs" else planned
         return
     with branch_cache(model.transformer, CacheConfig(plan=plan, reuse=reuse)) as state:
-        yield EagerForward(model, cond, state)
+        yield EagerForward(model, cond, timesteps, state)
 
 
 def variant_plan(steps_per_variant: int, layout: list[str]) -> CachePlan:

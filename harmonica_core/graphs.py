@@ -178,10 +178,10 @@ class GraphedForward:
         self.cache.grew(self.key, torch.cuda.memory_reserved() - before)
         return graph
 
-    def __call__(self, batch: torch.Tensor, timestep: torch.Tensor, k: int) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, k: int) -> torch.Tensor:
         planned = self.planned
         if self.fallback:
-            return planned(batch, timestep, k)
+            return planned(batch, k)
         graphs = self.graphs = self.graphs or self._graph_set(batch)
         pattern = tuple(planned.plan.compute[k])
         graphs.batch.copy_(batch)
@@ -196,7 +196,7 @@ class GraphedForward:
                 self.fallback = True
                 for j, value in enumerate(graphs.branches):  # the cache so far, for the planned forward
                     planned.reuse.store(j, k, value.clone())
-                return planned(batch, timestep, k)
+                return planned(batch, k)
         graph.replay()
         computes = sum(pattern)
         planned.computed += computes

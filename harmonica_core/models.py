@@ -116,11 +116,13 @@ class Model:
 
     def make_scheduler(self, name: str, steps: int) -> SchedulerMixin:
         """A fresh scheduler of the named kind (schedulers keep per-run state), from the model's config,
-        set to `steps` steps on the model's device and ready to run from its first step."""
+        set to `steps` steps and ready to run from its first step. Its timesteps stay on the CPU: the schedulers
+        branch in Python on the timestep (DDIM's `prev_timestep >= 0`), which on a device tensor makes every
+        step wait for the GPU; the transformer gets a device copy made once (`execution.transformer_forward`)."""
         if name not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
         scheduler = SCHEDULERS[name].from_config(self.scheduler.config)
-        scheduler.set_timesteps(steps, device=self.device)
+        scheduler.set_timesteps(steps)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         return scheduler

@@ -155,16 +155,17 @@ def predict_noise(
 ) -> torch.Tensor:
     """One transformer call on the CFG batch, guided, learned sigma dropped: the eps for `x` [B, C, H, W].
 
-    `forward`: an execution mode's forward and the step index it is at; None calls the transformer as is.
+    `forward`: an execution mode's forward and the step index it is at (it holds the timesteps on the device, so
+    the step copies nothing from the host and never waits for the GPU); None calls the transformer as is.
     """
     batch = torch.cat([x, x]) if cond.cfg else x
     batch = scheduler.scale_model_input(batch, t)
-    timestep = t[None].to(x.device).expand(batch.shape[0])
     if forward is None:
+        timestep = t[None].to(x.device).expand(batch.shape[0])
         out = model.transformer(batch, timestep=timestep, return_dict=False, **cond.kwargs)[0]
     else:
         run, k = forward
-        out = run(batch, timestep, k)
+        out = run(batch, k)
     return model.spec.guide(model, out, cond, guidance)
 
 
