@@ -112,7 +112,7 @@ class PlannedForward:
         compiled: bool,
         reuse: ReuseStrategy | None = None,
     ) -> None:
-        self.transformer, self.family, self.plan = model.transformer, model.spec, plan
+        self.transformer, self.family, self.plan, self.cond = model.transformer, model.spec, plan, cond
         self.pre = self.family.precompute(self.transformer, timesteps.to(model.device), cond.kwargs, cond.rows)
         self.block_forward = compiled_block_forward(self.family) if compiled else self.family.block_forward
         branches = find_branches(self.transformer)
@@ -144,8 +144,9 @@ _said_no_graphs: list[torch.device] = []  # the fallback's one log line per proc
 
 def resolve_mode(model: Model, mode: str, plan: CachePlan | None = None) -> str:
     """The mode a generation of `model` (with `plan`) runs in when `mode` is asked for: `auto` by device, and the
-    nearest that works where the asked one cannot (no planned forward for the family: eager; no CUDA, or a
-    forecasting plan, whose reuse is not a static buffer: compiled for graphs)."""
+    nearest that works where the asked one cannot (no planned forward for the family: eager; no CUDA, a
+    forecasting plan, whose reuse is not a static buffer, or a plan reusing a branch before computing it, which
+    the other modes compute there: compiled for graphs)."""
     if mode not in MODES:
         raise ValueError(f"unknown execution mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "auto":
@@ -153,7 +154,7 @@ def resolve_mode(model: Model, mode: str, plan: CachePlan | None = None) -> str:
     if mode != "eager" and not model.spec.runs_blocks:
         log.debug("the %s family has no planned forward: %s runs in eager mode", model.spec.name, model.name)
         return "eager"
-    if mode == "graphs" and plan is not None and plan.forecast:
+    if mode == "graphs" and plan is not None and (plan.forecast or plan.reuses_before_computing):
         return "compiled"
     if mode == "graphs" and not capturable(model):
         if not _said_no_graphs:

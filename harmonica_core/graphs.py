@@ -1,20 +1,26 @@
 """CUDA graphs per plan step (the `graphs` execution mode).
 
-On a GPU the uncached DiT step is bound by the host launching small kernels, and a reused branch removes
-arithmetic but few launches. A plan is static, so every step's work is known before it runs: the compiled
-blocks of one step pattern (which branches compute) are captured once per shape into a CUDA graph and
-replayed, so a step is four launches whatever it computes.
+On a GPU a DiT step is bound by the host: it launches the transformer's small kernels, then some twenty more for
+guidance and the scheduler's update in Python, which take as long as a step that reuses every branch. A plan is
+static, so every step of a generation is known before it runs: each whole step (the CFG batch, the compiled
+blocks of that step's compute/reuse pattern, guidance and the scheduler's update) is captured once as a CUDA
+graph, and a generation replays them in order, so a step is one launch whatever it computes.
 
-A graph reads and writes fixed addresses, so each shape (rows, latent size, text length, dtype) gets one
-`GraphSet` of static buffers: the step's input batch and modulations (copied in before each replay), the
-generation's text context (copied in once), one buffer per branch holding its cached output (written where
-the pattern computes the branch, read where it reuses it), and the output. Nothing a replay leaves behind
-lives in the graphs' memory pool: one pool is shared by every pattern of a shape. Sets are evicted least
-recently used when their memory passes `GraphCache.limit_bytes`.
+A graph reads and writes fixed addresses, so each shape (latents, CFG, text length, dtype) gets one `GraphSet`
+of static buffers: the latents (updated in place by every step), the text context and the guidance scale (copied
+in per generation), and one buffer per branch holding its cached output (written where a step computes the
+branch, read where one reuses it). A `Trajectory` is the graphs of every step of one (plan, scheduler) on that
+shape, with all steps' modulations in one buffer (copied in once per generation) and the copy of the scheduler
+that was stepped while capturing: a multistep scheduler's history lives at addresses in the graphs' memory pool
+that one step writes and the next reads, so a trajectory is replayed only in order, from its first step. One
+pool serves all trajectories of a shape. Sets are evicted least recently used when their memory passes
+`GraphCache.limit_bytes`.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,24 +35,35 @@ log = logging.getLogger("harmonica.graphs")
 
 DEFAULT_GRAPH_MEMORY_MB = 4096
 
+# one denoising step: (scheduler, latents, step index, the transformer's forward, guidance scale) -> new latents
+DenoiseStep = Callable[[Any, torch.Tensor, int, Callable[[torch.Tensor, int], torch.Tensor], Any], torch.Tensor]
+
 
 class Replayable(Protocol):
     def replay(self) -> None: ...
 
 
 @dataclass
+class Trajectory:
+    """The captured steps of one (plan, scheduler) on one shape, replayed in order."""
+
+    steps: list[Replayable]
+    mods: torch.Tensor  # [T, blocks, parts, rows, 1, D]: every block's modulation at every step
+    head: torch.Tensor  # [T, parts, rows, 1, D]
+    scheduler: Any  # the copy stepped while capturing: it keeps the history the graphs share alive
+
+
+@dataclass
 class GraphSet:
-    """Static buffers and the captured step patterns of one (transformer, shape)."""
+    """Static buffers and the captured trajectories of one (transformer, shape)."""
 
     transformer: torch.nn.Module  # held so that the key's id() cannot be reused while the graphs exist
-    batch: torch.Tensor
-    mods: torch.Tensor  # [blocks, parts, rows, 1, D]: every block's modulation for the step being replayed
-    head: torch.Tensor
+    latents: torch.Tensor
+    guidance: torch.Tensor  # 0-dim: the guidance scale, a graph input rather than a constant in its kernels
     context: dict[str, torch.Tensor | None]
     branches: list[torch.Tensor]
-    out: torch.Tensor
-    pool: Any  # one memory pool for every pattern's graph
-    graphs: dict[tuple[bool, ...], Replayable] = field(default_factory=dict)
+    pool: Any  # one memory pool for every trajectory's graphs
+    trajectories: dict[tuple, Trajectory] = field(default_factory=dict)
     bytes: int = 0
 
 
@@ -76,7 +93,8 @@ class GraphCache:
                 break
             dropped = self.sets.pop(old)
             evicted += 1
-            log.info("evicted CUDA graphs of %d step patterns (%.0f MiB)", len(dropped.graphs), dropped.bytes / 2**20)
+            megabytes = dropped.bytes / 2**20
+            log.info("evicted the CUDA graphs of %d trajectories (%.0f MiB)", len(dropped.trajectories), megabytes)
         if evicted and torch.cuda.is_available():  # the dropped pools back to the device; else keep the cache warm
             torch.cuda.empty_cache()
 
@@ -89,14 +107,13 @@ def capturable(model: Model) -> bool:
     return model.device.type == "cuda" and torch.cuda.is_available()
 
 
-def capture(step: Callable[[], None], pool: Any) -> Replayable:
-    """`step` as a CUDA graph allocating from `pool`, captured after one run on a side stream (lazy
-    initialisation stays out of the graph). A step writes only what its replay will write from the same
-    inputs, so the extra run leaves the generation's state as it was."""
+def capture(step: Callable[[], None], pool: Any, warm: Callable[[], None]) -> Replayable:
+    """`step` as a CUDA graph allocating from `pool`, captured after running `warm` (the same step on copies of
+    its state) on a side stream, so that lazy initialisation stays out of the graph."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step()
+        warm()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
@@ -105,21 +122,15 @@ def capture(step: Callable[[], None], pool: Any) -> Replayable:
 
 
 class GraphedForward:
-    """The planned forward, each distinct step pattern replayed from a CUDA graph captured at its first use.
+    """The planned forward whose generations replay one captured CUDA graph per step (`capture_steps`).
 
-    Wraps a `PlannedForward` (precomputed modulations, compiled blocks) and runs its blocks, plan and counts;
-    the reuse is copy reuse (the cached output as is), that of every plan method. Where a capture fails, the
-    rest of the generation runs the planned forward from the cache the graphs left.
+    Wraps a `PlannedForward` (precomputed modulations, compiled blocks) and uses its blocks, plan and counts; the
+    reuse is copy reuse (the cached output as is), that of every plan method. Called as a forward, it is the
+    planned forward itself: what a generation runs where capturing failed.
     """
 
     def __init__(self, planned: Any) -> None:
         self.planned, self.cache = planned, GRAPHS
-        pre = planned.pre
-        self.mods = torch.stack(pre.blocks, dim=1)  # [T, blocks, parts, rows, 1, D]: one copy per step
-        pre.blocks = list(self.mods.unbind(1))  # views, for the fallback
-        self.graphs: GraphSet | None = None
-        self.key: tuple = ()
-        self.fallback = False
 
     @property
     def computed(self) -> int:
@@ -129,76 +140,95 @@ class GraphedForward:
     def reused(self) -> int:
         return self.planned.reused
 
-    def _graph_set(self, batch: torch.Tensor) -> GraphSet:
-        """The graph set of this batch's shape, its context buffers holding this generation's context."""
-        context = self.planned.pre.context
-        shapes = tuple(sorted((name, None if v is None else (tuple(v.shape), v.dtype)) for name, v in context.items()))
-        key = self.key = (id(self.planned.transformer), tuple(batch.shape), batch.dtype, shapes)
-        before = torch.cuda.memory_reserved()
-        graphs = self.cache.get(key, lambda: self._buffers(batch))
-        for name, value in context.items():
-            if value is not None:
-                graphs.context[name].copy_(value)
-        self.cache.grew(key, torch.cuda.memory_reserved() - before)
-        return graphs
+    def __call__(self, batch: torch.Tensor, k: int) -> torch.Tensor:
+        return self.planned(batch, k)
 
-    def _buffers(self, batch: torch.Tensor) -> GraphSet:
+    def capture_steps(
+        self, denoise: DenoiseStep, scheduler: Any, latents: torch.Tensor, guidance: float
+    ) -> Callable[[int], torch.Tensor] | None:
+        """This generation's steps as replays: step k replays the graph of `denoise` at step k and returns the
+        latents buffer. The trajectory of (plan, scheduler) on this shape is captured at its first use; the
+        generation's latents, context and guidance are copied into the shape's buffers. None, saying why, where
+        a capture fails: the generation then runs the planned forward."""
+        planned = self.planned
+        context = planned.pre.context
+        shapes = tuple(sorted((name, None if v is None else (tuple(v.shape), v.dtype)) for name, v in context.items()))
+        key = (id(planned.transformer), tuple(latents.shape), latents.dtype, planned.cond.cfg, shapes)
+        schedule = (type(scheduler).__name__, json.dumps(dict(scheduler.config), sort_keys=True, default=str))
+        name = (planned.plan.compute, *schedule, tuple(scheduler.timesteps.tolist()))
+        before = torch.cuda.memory_reserved()
+        graphs = self.cache.get(key, lambda: self._buffers(latents))
+        try:
+            if name not in graphs.trajectories:
+                graphs.trajectories[name] = self._capture(graphs, denoise, scheduler)
+        except RuntimeError as error:
+            log.warning("CUDA graph capture failed, so this generation runs compiled: %s", error)
+            return None
+        finally:
+            self.cache.grew(key, torch.cuda.memory_reserved() - before)
+        trajectory = graphs.trajectories[name]
+        for name_, value in context.items():
+            if value is not None:
+                graphs.context[name_].copy_(value)
+        torch.stack(planned.pre.blocks, dim=1, out=trajectory.mods)
+        trajectory.head.copy_(planned.pre.head)
+        graphs.guidance.fill_(guidance)
+        graphs.latents.copy_(latents)
+
+        def step(k: int) -> torch.Tensor:
+            trajectory.steps[k].replay()
+            computes = sum(planned.plan.compute[k])
+            planned.computed += computes
+            planned.reused += planned.plan.branches - computes
+            return graphs.latents  # the next replay updates it in place: callers copy what they keep
+
+        return step
+
+    def _buffers(self, latents: torch.Tensor) -> GraphSet:
         planned, pre = self.planned, self.planned.pre
+        batch = latents.new_zeros((planned.cond.rows, *latents.shape[1:]))
         tokens = planned.transformer.pos_embed(batch)
-        out_shape = (batch.shape[0], planned.transformer.out_channels, *batch.shape[-2:])
         return GraphSet(
             transformer=planned.transformer,
-            batch=torch.empty_like(batch),
-            mods=torch.empty_like(self.mods[0]),
-            head=torch.empty_like(pre.head[0]),
+            latents=torch.empty_like(latents),
+            guidance=torch.zeros((), device=latents.device),
             context={name: None if v is None else torch.empty_like(v) for name, v in pre.context.items()},
-            branches=[torch.empty_like(tokens) for _ in range(sum(map(len, planned.indices)))],
-            out=torch.empty(out_shape, dtype=batch.dtype, device=batch.device),
+            branches=[torch.zeros_like(tokens) for _ in range(sum(map(len, planned.indices)))],
             pool=torch.cuda.graph_pool_handle(),
         )
 
-    def _step(self, graphs: GraphSet, pattern: tuple[bool, ...]) -> None:
-        """One step of `pattern` from and into the static buffers: what a graph captures."""
-        planned = self.planned
-        x = planned.transformer.pos_embed(graphs.batch)
+    def _capture(self, graphs: GraphSet, denoise: DenoiseStep, scheduler: Any) -> Trajectory:
+        """Every step of the plan captured in order with a copy of `scheduler`, each after a warm run on a copy of
+        that copy (so the captured one is stepped exactly once per step, as in a generation)."""
+        pre = self.planned.pre
+        own = copy.deepcopy(scheduler)
+        trajectory = Trajectory([], torch.stack(pre.blocks, dim=1), pre.head.clone(), own)
+        for k in range(self.planned.plan.steps):
+            warm = copy.deepcopy(own)
+            trajectory.steps.append(
+                capture(
+                    lambda k=k: self._step(graphs, trajectory, denoise, own, k),
+                    graphs.pool,
+                    warm=lambda k=k, warm=warm: self._step(graphs, trajectory, denoise, warm, k),
+                )
+            )
+        return trajectory
+
+    def _step(self, graphs: GraphSet, trajectory: Trajectory, denoise: DenoiseStep, scheduler: Any, k: int) -> None:
+        """Step k from and into the static buffers: what a graph captures."""
+        run = lambda batch, k: self._blocks(graphs, trajectory, batch, k)  # noqa: E731
+        graphs.latents.copy_(denoise(scheduler, graphs.latents, k, run, graphs.guidance))
+
+    def _blocks(self, graphs: GraphSet, trajectory: Trajectory, batch: torch.Tensor, k: int) -> torch.Tensor:
+        """The transformer at step k on `batch`, with its pattern's cached branches in the set's buffers."""
+        planned, pattern = self.planned, self.planned.plan.compute[k]
+        x = planned.transformer.pos_embed(batch)
         blocks = planned.transformer.transformer_blocks
         for n, (block, indices) in enumerate(zip(blocks, planned.indices, strict=True)):
             cached = tuple(None if pattern[j] else graphs.branches[j] for j in indices)
-            x, outs = planned.block_forward(block, x, graphs.mods[n], graphs.context, cached)
+            x, outs = planned.block_forward(block, x, trajectory.mods[k, n], graphs.context, cached)
             for j, was, out in zip(indices, cached, outs, strict=True):
                 if was is None:
                     graphs.branches[j].copy_(out)
-        out = planned.family.head(planned.transformer, x, graphs.head)
-        height, width = graphs.batch.shape[-2:]
-        graphs.out.copy_(planned.family.unpatchify(planned.transformer, out, height, width))
-
-    def _capture(self, graphs: GraphSet, pattern: tuple[bool, ...]) -> Replayable:
-        before = torch.cuda.memory_reserved()
-        graph = graphs.graphs[pattern] = capture(lambda: self._step(graphs, pattern), graphs.pool)
-        self.cache.grew(self.key, torch.cuda.memory_reserved() - before)
-        return graph
-
-    def __call__(self, batch: torch.Tensor, k: int) -> torch.Tensor:
-        planned = self.planned
-        if self.fallback:
-            return planned(batch, k)
-        graphs = self.graphs = self.graphs or self._graph_set(batch)
-        pattern = tuple(planned.plan.compute[k])
-        graphs.batch.copy_(batch)
-        graphs.mods.copy_(self.mods[k])
-        graphs.head.copy_(planned.pre.head[k])
-        graph = graphs.graphs.get(pattern)
-        if graph is None:
-            try:
-                graph = self._capture(graphs, pattern)
-            except RuntimeError as error:
-                log.warning("CUDA graph capture failed, so this generation goes on compiled: %s", error)
-                self.fallback = True
-                for j, value in enumerate(graphs.branches):  # the cache so far, for the planned forward
-                    planned.reuse.store(j, k, value.clone())
-                return planned(batch, k)
-        graph.replay()
-        computes = sum(pattern)
-        planned.computed += computes
-        planned.reused += len(pattern) - computes
-        return graphs.out.clone()  # the next replay overwrites the buffer; a multistep solver keeps outputs
+        out = planned.family.head(planned.transformer, x, trajectory.head[k])
+        return planned.family.unpatchify(planned.transformer, out, batch.shape[-2], batch.shape[-1])

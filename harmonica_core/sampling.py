@@ -21,6 +21,7 @@ from .cache.methods import none_plan
 from .cache.plan import CachePlan
 from .execution import DEFAULT_MODE, Forward, resolve_mode, transformer_forward
 from .families import Conditioning
+from .graphs import GraphedForward
 from .models import Model
 from .validation import BATCH_FIELDS
 
@@ -150,7 +151,7 @@ def predict_noise(
     x: torch.Tensor,
     t: torch.Tensor,
     cond: Conditioning,
-    guidance: float,
+    guidance: float | torch.Tensor,
     forward: tuple[Forward, int] | None = None,
 ) -> torch.Tensor:
     """One transformer call on the CFG batch, guided, learned sigma dropped: the eps for `x` [B, C, H, W].
@@ -268,14 +269,20 @@ def generate_batch(
     extra = step_kwargs(scheduler, request.seed)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
 
+    def denoise(scheduler: Any, x: torch.Tensor, k: int, run: Forward, guidance: float | torch.Tensor) -> torch.Tensor:
+        t = scheduler.timesteps[k]
+        eps = predict_noise(model, scheduler, x, t, cond, guidance, (run, k))
+        return scheduler.step(eps, t, x, **extra, return_dict=False)[0]
+
     step_seconds: list[float] = []
     sync()
     start = last = time.perf_counter()  # precomputing the modulations is part of the generation's time
     with transformer_forward(model, plan, cond, scheduler.timesteps, mode) as forward:
+        graphed = isinstance(forward, GraphedForward)
+        replay = forward.capture_steps(denoise, scheduler, latents, request.guidance) if graphed else None
         counted = (0, 0)
-        for k, t in enumerate(scheduler.timesteps):
-            eps = predict_noise(model, scheduler, latents, t, cond, request.guidance, (forward, k))
-            latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+        for k in range(request.steps):
+            latents = replay(k) if replay else denoise(scheduler, latents, k, forward, request.guidance)
             now = time.perf_counter()  # host time: no per-step sync, so the GPU queue stays full
             step_seconds.append(now - last)
             last = now

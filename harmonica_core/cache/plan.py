@@ -49,6 +49,16 @@ class CachePlan:
         total = self.steps * self.branches
         return sum(row.count(False) for row in self.compute) / total if total else 0.0
 
+    @property
+    def reuses_before_computing(self) -> bool:
+        """Whether a branch is reused at a step before any step computed it (execution then computes it there)."""
+        seen = [False] * self.branches
+        for row in self.compute:
+            if any(not c and not s for c, s in zip(row, seen, strict=True)):
+                return True
+            seen = [c or s for c, s in zip(row, seen, strict=True)]
+        return False
+
     @classmethod
     def from_rows(
         cls,
