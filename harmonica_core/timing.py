@@ -37,5 +37,10 @@ def interleaved_latencies(
 
 
 def realized_speedups(seconds: dict[str, list[float]], baseline: str) -> dict[str, float]:
-    base = statistics.median(seconds[baseline])
-    return {name: base / statistics.median(values) for name, values in seconds.items()}
+    """Each run's speedup over `baseline`: the median over rounds of the baseline's seconds over the run's in the
+    same round. A round times every run back to back, so the ratio cancels what moves whole rounds on a shared
+    machine (10-20 % between rounds here), which a ratio of medians over all rounds keeps."""
+    base = seconds[baseline]
+    return {
+        name: statistics.median(b / v for b, v in zip(base, values, strict=True)) for name, values in seconds.items()
+    }
