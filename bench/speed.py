@@ -14,7 +14,7 @@ Modes: all but `auto` (which picks one of them), and on CPU all but `graphs` (CU
 
     python bench/speed.py                                   # CPU: bench/results/speed_cpu_digits.{json,png}
     python bench/speed.py --device cuda --model dit-xl      # GPU
-    python bench/speed.py --profile --mode compiled --batches 16   # where an all-reuse step's time goes
+    python bench/speed.py --profile --mode compiled --batches 16   # where a generation's time goes
     bash bench/gpu.sh                                       # every GPU check in one run (tests, both models)
 """
 
@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -140,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
 
     compile_seconds = {mode: warm_up(model, mode, make_request(model, 1, args.steps)) for mode in args.modes}
     if args.profile:
-        return profile_reuse(model, make_request(model, max(batches), args.steps), args.modes[-1])
+        return profile_reuse(model, [make_request(model, batch, args.steps) for batch in batches], args.modes[-1])
     keys = [(mode, batch, plan_name) for batch in batches for mode in args.modes for plan_name in plans]
     requests = {batch: make_request(model, batch, args.steps) for batch in batches}
     runs = {f"{mode}|{batch}|{p}": Run(requests[batch], plans[p], mode) for mode, batch, p in keys}
@@ -225,18 +226,41 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def profile_reuse(model: Model, request: GenerationRequest, mode: str) -> int:
-    """What a step costs that reuses every branch (step 0 computes, every later step reuses all)."""
+def profile_reuse(model: Model, requests: list[GenerationRequest], mode: str) -> int:
+    """Where a generation's time goes, per batch: the fixed cost of a generation, an uncached step and a step
+    that reuses every branch, solved from synced wall times of three plans (uncached at T and at T/2 steps, and
+    all-reuse after a computing first step; median of 5 each); then the profiler's top operators (with CUDA,
+    their device time) over one all-reuse generation."""
     from torch.profiler import ProfilerActivity, profile
 
-    n = len(model.branch_layout)
-    plan = CachePlan.from_rows([[True] * n] + [[False] * n] * (request.steps - 1))
-    steps = [generate(model, request, plan, mode=mode).stats.step_seconds[1:] for _ in range(4)][1:]
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        generate(model, request, plan, mode=mode)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    reused = statistics.median(s for run in steps for s in run)
-    print(f"{mode} mode, batch {len(request.class_labels or [])}: median all-reuse step {reused * 1000:.1f} ms")
+    n, cuda = len(model.branch_layout), model.device.type == "cuda"
+    for request in requests:
+        steps, half = request.steps, request.steps // 2
+        plans = {
+            "none": (steps, none_plan(steps, n)),
+            "none-half": (half, none_plan(half, n)),
+            "reuse": (steps, CachePlan.from_rows([[True] * n] + [[False] * n] * (steps - 1))),
+        }
+        seconds = {}
+        for name, (t, plan) in plans.items():
+            run = replace(request, steps=t)
+            generate(model, run, plan, mode=mode)  # compiles and captures outside the timing
+            times = [generate(model, run, plan, mode=mode).stats.total_seconds for _ in range(5)]
+            seconds[name] = statistics.median(times)
+        computing = (seconds["none"] - seconds["none-half"]) / (steps - half)
+        fixed = seconds["none"] - steps * computing
+        reusing = (seconds["reuse"] - fixed - computing) / (steps - 1)
+        images = len(request.class_labels or []) or len(request.prompt_embeddings.embeds)
+        print(
+            f"{mode} mode, batch {images}, T = {steps}: per generation {fixed * 1000:.1f} ms fixed, "
+            f"{computing * 1000:.2f} ms per uncached step, {reusing * 1000:.2f} ms per all-reuse step "
+            f"({reusing / computing:.1%} of an uncached one)"
+        )
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            generate(model, request, plans["reuse"][1], mode=mode)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=15))
     return 0
 
 
@@ -288,7 +312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--profile", action="store_true", help="profile all-reuse steps in the last --mode instead")
+    parser.add_argument("--profile", action="store_true", help="instead: where a generation's time goes, last --mode")
     return parser.parse_args(argv)
 
 
