@@ -1,20 +1,20 @@
 """CUDA graphs per plan step (the `graphs` execution mode).
 
-On a GPU a DiT step is bound by the host: it launches the transformer's small kernels, then some twenty more for
-guidance and the scheduler's update in Python, which take as long as a step that reuses every branch. A plan is
-static, so every step of a generation is known before it runs: each whole step (the CFG batch, the compiled
-blocks of that step's compute/reuse pattern, guidance and the scheduler's update) is captured once as a CUDA
-graph, and a generation replays them in order, so a step is one launch whatever it computes.
+On a GPU a DiT step launches hundreds of small kernels, and a reused branch removes arithmetic but few
+launches. A plan is static, so every step of a generation is known before it runs: each whole step (the CFG
+batch, the compiled blocks of that step's compute/reuse pattern, guidance and the scheduler's update) is
+captured once as a CUDA graph, and a generation replays them in order, so a step is one launch whatever it
+computes (README, "Speed", has what that gained over graphs of the transformer alone: little).
 
 A graph reads and writes fixed addresses, so each shape (latents, CFG, text length, dtype) gets one `GraphSet`
-of static buffers: the latents (updated in place by every step), the text context and the guidance scale (copied
-in per generation), and one buffer per branch holding its cached output (written where a step computes the
-branch, read where one reuses it). A `Trajectory` is the graphs of every step of one (plan, scheduler) on that
-shape, with all steps' modulations in one buffer (copied in once per generation) and the copy of the scheduler
-that was stepped while capturing: a multistep scheduler's history lives at addresses in the graphs' memory pool
-that one step writes and the next reads, so a trajectory is replayed only in order, from its first step. One
-pool serves all trajectories of a shape. Sets are evicted least recently used when their memory passes
-`GraphCache.limit_bytes`.
+of static buffers: the latents (updated in place by every step); the text context, the guidance scale and every
+step's modulations (`Modulations`, one per number of steps), copied in per generation; and one buffer per branch
+holding its cached output (written where a step computes the branch, read where one reuses it). A `Trajectory`
+is the graphs of every step of one (plan, scheduler) on that shape, with the copy of the scheduler that was
+stepped while capturing: a multistep scheduler's history lives at addresses in the graphs' memory pool that one
+step writes and the next reads, so a trajectory is replayed only in order, from its first step. One pool serves
+all trajectories of a shape. Sets are evicted least recently used when their memory passes
+`GraphCache.limit_bytes`; a set keeps every trajectory captured on it until then.
 """
 
 from __future__ import annotations
@@ -48,9 +48,16 @@ class Trajectory:
     """The captured steps of one (plan, scheduler) on one shape, replayed in order."""
 
     steps: list[Replayable]
-    mods: torch.Tensor  # [T, blocks, parts, rows, 1, D]: every block's modulation at every step
-    head: torch.Tensor  # [T, parts, rows, 1, D]
     scheduler: Any  # the copy stepped while capturing: it keeps the history the graphs share alive
+
+
+@dataclass
+class Modulations:
+    """Every block's and the final layer's modulation at every step of a T-step generation: inputs of all the
+    shape's trajectories of T steps, copied in once per generation."""
+
+    blocks: torch.Tensor  # [T, blocks, parts, rows, 1, D]
+    head: torch.Tensor  # [T, parts, rows, 1, D]
 
 
 @dataclass
@@ -63,6 +70,7 @@ class GraphSet:
     context: dict[str, torch.Tensor | None]
     branches: list[torch.Tensor]
     pool: Any  # one memory pool for every trajectory's graphs
+    modulations: dict[int, Modulations] = field(default_factory=dict)  # by number of steps
     trajectories: dict[tuple, Trajectory] = field(default_factory=dict)
     bytes: int = 0
 
@@ -158,9 +166,15 @@ class GraphedForward:
         name = (planned.plan.compute, *schedule, tuple(scheduler.timesteps.tolist()))
         before = torch.cuda.memory_reserved()
         graphs = self.cache.get(key, lambda: self._buffers(latents))
+        pre, mods = planned.pre, graphs.modulations.get(planned.plan.steps)
+        if mods is None:
+            mods = graphs.modulations[planned.plan.steps] = Modulations(torch.stack(pre.blocks, 1), pre.head.clone())
+        else:
+            torch.stack(pre.blocks, dim=1, out=mods.blocks)
+            mods.head.copy_(pre.head)
         try:
             if name not in graphs.trajectories:
-                graphs.trajectories[name] = self._capture(graphs, denoise, scheduler)
+                graphs.trajectories[name] = self._capture(graphs, mods, denoise, scheduler)
         except RuntimeError as error:
             log.warning("CUDA graph capture failed, so this generation runs compiled: %s", error)
             return None
@@ -170,8 +184,6 @@ class GraphedForward:
         for name_, value in context.items():
             if value is not None:
                 graphs.context[name_].copy_(value)
-        torch.stack(planned.pre.blocks, dim=1, out=trajectory.mods)
-        trajectory.head.copy_(planned.pre.head)
         graphs.guidance.fill_(guidance)
         graphs.latents.copy_(latents)
 
@@ -197,38 +209,36 @@ class GraphedForward:
             pool=torch.cuda.graph_pool_handle(),
         )
 
-    def _capture(self, graphs: GraphSet, denoise: DenoiseStep, scheduler: Any) -> Trajectory:
+    def _capture(self, graphs: GraphSet, mods: Modulations, denoise: DenoiseStep, scheduler: Any) -> Trajectory:
         """Every step of the plan captured in order with a copy of `scheduler`, each after a warm run on a copy of
         that copy (so the captured one is stepped exactly once per step, as in a generation)."""
-        pre = self.planned.pre
-        own = copy.deepcopy(scheduler)
-        trajectory = Trajectory([], torch.stack(pre.blocks, dim=1), pre.head.clone(), own)
+        trajectory = Trajectory([], copy.deepcopy(scheduler))
         for k in range(self.planned.plan.steps):
-            warm = copy.deepcopy(own)
+            warm = copy.deepcopy(trajectory.scheduler)
             trajectory.steps.append(
                 capture(
-                    lambda k=k: self._step(graphs, trajectory, denoise, own, k),
+                    lambda k=k: self._step(graphs, mods, denoise, trajectory.scheduler, k),
                     graphs.pool,
-                    warm=lambda k=k, warm=warm: self._step(graphs, trajectory, denoise, warm, k),
+                    warm=lambda k=k, warm=warm: self._step(graphs, mods, denoise, warm, k),
                 )
             )
         return trajectory
 
-    def _step(self, graphs: GraphSet, trajectory: Trajectory, denoise: DenoiseStep, scheduler: Any, k: int) -> None:
+    def _step(self, graphs: GraphSet, mods: Modulations, denoise: DenoiseStep, scheduler: Any, k: int) -> None:
         """Step k from and into the static buffers: what a graph captures."""
-        run = lambda batch, k: self._blocks(graphs, trajectory, batch, k)  # noqa: E731
+        run = lambda batch, k: self._blocks(graphs, mods, batch, k)  # noqa: E731
         graphs.latents.copy_(denoise(scheduler, graphs.latents, k, run, graphs.guidance))
 
-    def _blocks(self, graphs: GraphSet, trajectory: Trajectory, batch: torch.Tensor, k: int) -> torch.Tensor:
+    def _blocks(self, graphs: GraphSet, mods: Modulations, batch: torch.Tensor, k: int) -> torch.Tensor:
         """The transformer at step k on `batch`, with its pattern's cached branches in the set's buffers."""
         planned, pattern = self.planned, self.planned.plan.compute[k]
         x = planned.transformer.pos_embed(batch)
         blocks = planned.transformer.transformer_blocks
         for n, (block, indices) in enumerate(zip(blocks, planned.indices, strict=True)):
             cached = tuple(None if pattern[j] else graphs.branches[j] for j in indices)
-            x, outs = planned.block_forward(block, x, trajectory.mods[k, n], graphs.context, cached)
+            x, outs = planned.block_forward(block, x, mods.blocks[k, n], graphs.context, cached)
             for j, was, out in zip(indices, cached, outs, strict=True):
                 if was is None:
                     graphs.branches[j].copy_(out)
-        out = planned.family.head(planned.transformer, x, trajectory.head[k])
+        out = planned.family.head(planned.transformer, x, mods.head[k])
         return planned.family.unpatchify(planned.transformer, out, batch.shape[-2], batch.shape[-1])
