@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
@@ -123,19 +123,39 @@ class PlannedForward:
         self.computed = self.reused = 0
 
     def __call__(self, batch: torch.Tensor, k: int) -> torch.Tensor:
-        row, reuse = self.plan.compute[k], self.reuse
+        reuse, computed = self.reuse, self.computed
+
+        def store(j: int, out: torch.Tensor) -> None:
+            reuse.store(j, k, out)
+            self.computed += 1
+
+        mods = [block[k] for block in self.pre.blocks]
+        out = self.run_blocks(batch, k, mods, self.pre.head[k], self.pre.context, lambda j: reuse.recall(j, k), store)
+        self.reused += self.plan.branches - (self.computed - computed)
+        return out
+
+    def run_blocks(
+        self,
+        batch: torch.Tensor,
+        k: int,
+        mods: Sequence[torch.Tensor],
+        head: torch.Tensor,
+        context: dict[str, torch.Tensor | None],
+        recall: Callable[[int], torch.Tensor | None],
+        store: Callable[[int, torch.Tensor], object],
+    ) -> torch.Tensor:
+        """The transformer at step k: branch j computes where the plan says so or `recall(j)` has nothing, and
+        then `store(j, out)` keeps its output; elsewhere the block reuses `recall(j)`. `mods` holds each block's
+        modulation at step k; the `graphs` mode calls this with its static buffers."""
+        row = self.plan.compute[k]
         x = self.transformer.pos_embed(batch)
-        blocks = self.transformer.transformer_blocks
-        for block, indices, mods in zip(blocks, self.indices, self.pre.blocks, strict=True):
-            cached = tuple(None if row[j] else reuse.recall(j, k) for j in indices)
-            x, outs = self.block_forward(block, x, mods[k], self.pre.context, cached)
+        for block, indices, block_mods in zip(self.transformer.transformer_blocks, self.indices, mods, strict=True):
+            cached = tuple(None if row[j] else recall(j) for j in indices)
+            x, outs = self.block_forward(block, x, block_mods, context, cached)
             for j, was, out in zip(indices, cached, outs, strict=True):
                 if was is None:
-                    reuse.store(j, k, out)
-                    self.computed += 1
-                else:
-                    self.reused += 1
-        out = self.family.head(self.transformer, x, self.pre.head[k])
+                    store(j, out)
+        out = self.family.head(self.transformer, x, head)
         return self.family.unpatchify(self.transformer, out, batch.shape[-2], batch.shape[-1])
 
 

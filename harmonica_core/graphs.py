@@ -231,14 +231,5 @@ class GraphedForward:
 
     def _blocks(self, graphs: GraphSet, mods: Modulations, batch: torch.Tensor, k: int) -> torch.Tensor:
         """The transformer at step k on `batch`, with its pattern's cached branches in the set's buffers."""
-        planned, pattern = self.planned, self.planned.plan.compute[k]
-        x = planned.transformer.pos_embed(batch)
-        blocks = planned.transformer.transformer_blocks
-        for n, (block, indices) in enumerate(zip(blocks, planned.indices, strict=True)):
-            cached = tuple(None if pattern[j] else graphs.branches[j] for j in indices)
-            x, outs = planned.block_forward(block, x, mods.blocks[k, n], graphs.context, cached)
-            for j, was, out in zip(indices, cached, outs, strict=True):
-                if was is None:
-                    graphs.branches[j].copy_(out)
-        out = planned.family.head(planned.transformer, x, mods.head[k])
-        return planned.family.unpatchify(planned.transformer, out, batch.shape[-2], batch.shape[-1])
+        recall, store = graphs.branches.__getitem__, lambda j, out: graphs.branches[j].copy_(out)
+        return self.planned.run_blocks(batch, k, mods.blocks[k], mods.head[k], graphs.context, recall, store)
